@@ -1,0 +1,37 @@
+# celery-forwarder: `make demo` runs the worker on embedded servers, `make test` runs the suite.
+# Both create .venv from the lock files on a fresh machine by themselves.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: help demo demo-gevent test lint lock bench soak clean
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	touch $(STAMP)
+
+demo: $(STAMP)  ## run the whole flow locally (prefork); POOL=gevent for the gevent pool
+	$(PY) -m forwarder demo --pool $(or $(POOL),prefork)
+
+test: $(STAMP) lint  ## lint, then the whole test suite against real local servers
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)  ## ruff (incl. B019: no lru_cache on methods)
+	$(VENV)/bin/ruff check forwarder gateways tests bench
+
+lock: $(STAMP)  ## regenerate requirements.txt and requirements-dev.txt from the .in files
+	$(VENV)/bin/pip-compile -q --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links -o requirements.txt requirements.in
+	$(VENV)/bin/pip-compile -q --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links -o requirements-dev.txt requirements-dev.in
+
+bench: $(STAMP)  ## pool, overhead and soak benchmarks (JSON + PNG under bench/results/)
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+soak: $(STAMP)  ## the 20,000-task memory soak alone
+	$(PY) -m bench.run --only soak $(BENCH_ARGS)
+
+clean:  ## remove the virtualenv and caches
+	rm -rf $(VENV) .ruff_cache .pytest_cache

@@ -1,0 +1,7 @@
+"""celery-forwarder: a Celery worker that forwards task payloads to a model HTTP server.
+
+Kept import-free on purpose: ``python -m forwarder`` imports this package before ``__main__``,
+and under the gevent pool nothing may import sockets before ``gevent.monkey.patch_all()`` runs.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,77 @@
+"""Command line: run the worker (default), ``check`` the environment, or run the local ``demo``.
+
+Exit statuses: 0 done, 2 invalid configuration, 3 model server not ready, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+from forwarder import __version__
+from forwarder.errors import ConfigError, ModelNotReady
+from forwarder.pool_bootstrap import EXIT_CONFIG
+from forwarder.settings import Settings, describe
+
+EXIT_NOT_READY = 3
+logger = logging.getLogger("forwarder")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser; configuration itself comes only from the environment."""
+    root = argparse.ArgumentParser(
+        prog="python -m forwarder",
+        description="Celery worker that forwards llm-engine async tasks to a model HTTP server. "
+        "Configured only through environment variables:",
+        epilog=describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    root.add_argument("--version", action="version", version=f"celery-forwarder {__version__}")
+    commands = root.add_subparsers(dest="command", metavar="{run,check,demo}")
+    commands.add_parser("run", help="run the worker (the default)")
+    commands.add_parser("check", help="validate the environment and exit")
+    demo = commands.add_parser("demo", help="run the whole flow locally on embedded servers")
+    demo.add_argument("--pool", choices=("prefork", "gevent"), default="prefork")
+    demo.add_argument("--tasks", type=int, default=8, help="sample tasks to send (default 8)")
+    return root
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Parse the command, load settings and run it; returns the exit status."""
+    args = parser().parse_args(argv)
+    env = os.environ if environ is None else environ
+    if args.command == "demo":
+        from forwarder.demo import run_demo
+
+        return run_demo(pool=args.pool, tasks=args.tasks)
+    try:
+        settings = Settings.from_env(env)
+    except ConfigError as exc:
+        print(f"forwarder: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check":
+        print(f"forwarder: configuration OK (pool={settings.pool}, queue={settings.queue}, broker={_safe(settings.broker_url)})")
+        for warning in settings.warnings:
+            print(f"forwarder: warning: {warning}")
+        return 0
+    try:
+        from forwarder.worker import run_worker
+
+        return run_worker(settings)
+    except ModelNotReady as exc:
+        print(f"forwarder: {exc}", file=sys.stderr)
+        return EXIT_NOT_READY
+
+
+def _safe(url: str) -> str:
+    """A URL without its password, for logs."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return parts._replace(netloc=netloc).geturl()
+    return url

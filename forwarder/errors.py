@@ -1,0 +1,43 @@
+"""The worker's exceptions, under one root."""
+
+from __future__ import annotations
+
+
+class ForwarderError(Exception):
+    """Root of every error the forwarder raises on purpose."""
+
+
+class ConfigError(ForwarderError):
+    """An environment variable has an invalid value; the worker must not start."""
+
+    def __init__(self, variable: str, value: str, reason: str) -> None:
+        self.variable = variable
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        # Never echo a secret back: name the variable, and show the value only for non-secrets.
+        if "PASSWORD" in variable or "SECRET" in variable or "TOKEN" in variable:
+            shown = "<hidden>"
+        super().__init__(f"{variable}={shown!r} {reason}")
+
+
+class MalformedRequest(ForwarderError):
+    """The task's arguments are not a request the forwarder can send (fails before any HTTP call)."""
+
+
+class ModelNotReady(ForwarderError):
+    """The model server did not become ready within FORWARDER_READY_TIMEOUT."""
+
+
+class ModelConnectionError(ForwarderError):
+    """The model server could not be reached (refused, reset, connect timeout): the task is retried."""
+
+
+class ModelTimeout(ForwarderError):
+    """The model server accepted the request but did not answer within FORWARDER_MODEL_READ_TIMEOUT."""
+
+
+class ModelResponseError(ForwarderError):
+    """The model server answered with a body that is not JSON."""
+
+
+class HookError(ForwarderError):
+    """A post-inference hook failed (logged and counted; never changes the task's result)."""

@@ -1,0 +1,71 @@
+"""Post-inference hooks: small one-method objects run in order after a task's result is stored.
+
+A hook failure is logged with the hook's name and counted; it never changes the stored result, never
+fails the task and never stops the worker. Each hook gets its own copy of the response.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from forwarder.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class Hook(Protocol):
+    """One post-inference hook."""
+
+    name: str
+
+    def __call__(self, request: Mapping[str, Any], response: dict[str, Any], task_id: str) -> None:
+        """Act on one finished task. ``response`` already carries ``task_id``; raise to report failure."""
+
+
+class HookRunner:
+    """Runs every configured hook for a finished task, isolating each failure."""
+
+    def __init__(self, hooks: Sequence[Hook]) -> None:
+        self.hooks = tuple(hooks)
+        #: Per hook name: "<name>.attempt", "<name>.success", "<name>.failure" (this process).
+        self.counts: Counter[str] = Counter()
+
+    def run(self, request: Any, response: Any, task_id: str) -> None:
+        """Run each hook once; log and count, never raise."""
+        if not self.hooks:
+            return
+        request_map = request if isinstance(request, Mapping) else {}
+        for hook in self.hooks:
+            body = copy.deepcopy(response) if isinstance(response, dict) else {"result": response}
+            body["task_id"] = task_id
+            self.counts[f"{hook.name}.attempt"] += 1
+            try:
+                hook(request_map, body, task_id)
+            except Exception as exc:
+                self.counts[f"{hook.name}.failure"] += 1
+                # No traceback kept or logged: the message names the cause, and frames stay unpinned.
+                logger.warning("hook %s failed for task %s: %s: %s", hook.name, task_id, type(exc).__name__, exc)
+            else:
+                self.counts[f"{hook.name}.success"] += 1
+
+    def close(self) -> None:
+        """Release what the hooks hold (clients are closed by the process-wide client cache)."""
+
+
+def build_hooks(settings: Settings) -> HookRunner:
+    """The hooks named by FORWARDER_HOOKS, in order (names were validated with the settings)."""
+    hooks: list[Hook] = []
+    for name in settings.hooks:
+        if name == "callback":
+            from forwarder.callback_hook import CallbackHook
+
+            hooks.append(CallbackHook.from_settings(settings))
+        elif name == "logging":
+            from forwarder.logging_hook import LoggingHook
+
+            hooks.append(LoggingHook.from_settings(settings))
+    return HookRunner(hooks)

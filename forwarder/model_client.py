@@ -1,0 +1,138 @@
+"""HTTP calls to the model server: one pooled keep-alive session per process, timeouts on every call."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from forwarder.errors import ModelConnectionError, ModelNotReady, ModelResponseError, ModelTimeout
+from gateways.cached_client import CachedClient
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between readiness probes at start, and between "still waiting" log lines.
+READY_POLL_INTERVAL = 1.0
+READY_LOG_INTERVAL = 10.0
+#: Body characters quoted in the error for a non-JSON answer.
+BODY_PREVIEW = 200
+
+
+@dataclass(frozen=True)
+class ModelAnswer:
+    """The model's JSON answer and its HTTP status."""
+
+    status_code: int
+    body: Any
+
+
+def build_session(pool_size: int) -> requests.Session:
+    """A keep-alive session whose pool holds one connection per concurrent task.
+
+    Connect failures are retried twice at once (a restarting server, a dropped pooled socket); longer
+    outages are left to the task's own retry with backoff. Reads are never retried: the model may
+    already be working on the request.
+    """
+    session = requests.Session()
+    retry = Retry(total=2, connect=2, read=0, status=0, other=0, backoff_factor=0.1, allowed_methods=None)
+    adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=retry, pool_block=False)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+class ModelClient:
+    """Predict and readiness calls to the user's model server."""
+
+    def __init__(
+        self,
+        predict_url: str,
+        healthcheck_url: str,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        pool_size: int,
+    ) -> None:
+        self.predict_url = predict_url
+        self.healthcheck_url = healthcheck_url
+        self._timeout = (connect_timeout, read_timeout)
+        self._connect_timeout = connect_timeout
+        self.session = CachedClient("model-http-session", lambda: (build_session(pool_size), None))
+
+    def predict(self, payload: Any, headers: dict[str, str] | None = None) -> ModelAnswer:
+        """POST ``payload`` as JSON and return the model's JSON answer with its status.
+
+        Raises:
+            ModelConnectionError: the server could not be reached (the task retries).
+            ModelTimeout: no answer within the read timeout.
+            ModelResponseError: the answer is not JSON.
+        """
+        try:
+            response = self.session.get().post(
+                self.predict_url, json=payload, headers=headers, timeout=self._timeout
+            )
+        except requests.ConnectTimeout as exc:
+            raise ModelConnectionError(f"model server {self.predict_url}: connect timed out") from exc
+        except requests.ReadTimeout as exc:
+            raise ModelTimeout(
+                f"model server {self.predict_url} did not answer within {self._timeout[1]:g} s"
+            ) from exc
+        except requests.ConnectionError as exc:
+            raise ModelConnectionError(f"model server {self.predict_url} unreachable: {_root_cause(exc)}") from exc
+        try:
+            body = response.json()
+        except ValueError:
+            preview = response.text[:BODY_PREVIEW]
+            raise ModelResponseError(
+                f"model server answered HTTP {response.status_code} with a body that is not JSON: {preview!r}"
+            ) from None
+        return ModelAnswer(response.status_code, body)
+
+    def is_ready(self) -> tuple[bool, str]:
+        """One readiness probe: (ready, what was seen)."""
+        try:
+            response = self.session.get().get(self.healthcheck_url, timeout=(self._connect_timeout, 5.0))
+        except requests.RequestException as exc:
+            return False, _root_cause(exc)
+        return response.status_code == 200, f"HTTP {response.status_code}"
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the readiness URL answers 200, logging while waiting.
+
+        Raises:
+            ModelNotReady: not ready within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        next_log = 0.0
+        while True:
+            ready, seen = self.is_ready()
+            if ready:
+                logger.info("model server ready at %s", self.healthcheck_url)
+                return
+            now = time.monotonic()
+            if now >= deadline:
+                raise ModelNotReady(
+                    f"model server not ready at {self.healthcheck_url} after {timeout:g} s (last: {seen})"
+                )
+            if now >= next_log:
+                logger.info("waiting for the model server at %s (%s)", self.healthcheck_url, seen)
+                next_log = now + READY_LOG_INTERVAL
+            time.sleep(min(READY_POLL_INTERVAL, max(0.0, deadline - now)))
+
+    def close(self) -> None:
+        """Close the pooled connections of this process."""
+        self.session.close()
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost reason of a requests/urllib3 error, short enough for one log line."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    reason = getattr(exc, "reason", None)
+    text = str(reason or exc)
+    return f"{type(exc).__name__}: {text}"[:300]

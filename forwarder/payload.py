@@ -1,0 +1,80 @@
+"""The llm-engine task contract, as pure functions: what to POST, what to store, the error shape.
+
+Requests arrive as llm-engine's ``EndpointPredictV1Request`` dict (``args``, ``url``, ``callback_url``,
+``callback_auth``, ``return_pickled``...). Two result formats exist, as in llm-engine's forwarder configs:
+
+- ``wrapped`` (``service--forwarder.yaml``): POST ``request["args"]`` (or the whole request when it has
+  no ``args``); store ``{"result": "<model JSON as a string>", "status_code": <int>}``. A request may
+  set ``serialize_results_as_string`` (top level, else inside ``args``) to store the JSON unencoded.
+- ``raw`` (the "converted-from-artifact" config): POST the request as-is; store the model's JSON.
+
+A non-2xx answer is not a failure: its status code travels in the stored result.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from forwarder.errors import MalformedRequest
+
+SERIALIZE_KEY = "serialize_results_as_string"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to send to the model for one request, and how to shape its answer."""
+
+    body: Any
+    serialize_as_string: bool
+    result_format: str
+
+
+def plan_request(request: Any, result_format: str) -> Plan:
+    """Check a task's request and decide what to POST.
+
+    Raises:
+        MalformedRequest: the request cannot be forwarded (before any HTTP call).
+    """
+    if not isinstance(request, dict):
+        raise MalformedRequest(f"the request (first task argument) must be a JSON object, got {_kind(request)}")
+    if result_format == "raw":
+        return Plan(body=request, serialize_as_string=False, result_format=result_format)
+    body = request.get("args", request)
+    if not isinstance(body, (dict, list)):
+        raise MalformedRequest(f"request 'args' must be a JSON object or array, got {_kind(body)}")
+    serialize = _serialize_override(request)
+    if serialize is None and isinstance(body, dict):
+        serialize = _serialize_override(body)
+    return Plan(body=body, serialize_as_string=True if serialize is None else serialize, result_format=result_format)
+
+
+def shape_result(model_json: Any, status_code: int, plan: Plan) -> Any:
+    """The task result to store for the model's answer."""
+    if plan.result_format == "raw":
+        return model_json
+    result = json.dumps(model_json) if plan.serialize_as_string else model_json
+    return {"result": result, "status_code": status_code}
+
+
+def error_payload(exc: BaseException) -> dict[str, str]:
+    """llm-engine's error shape: ``{"error": str(exc), "error_metadata": "Internal failure\\n<trace>"}``."""
+    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return {"error": str(exc), "error_metadata": f"Internal failure\n{trace}"}
+
+
+def _serialize_override(mapping: dict[str, Any]) -> bool | None:
+    if SERIALIZE_KEY not in mapping:
+        return None
+    value = mapping[SERIALIZE_KEY]
+    if not isinstance(value, bool):
+        raise MalformedRequest(f"'{SERIALIZE_KEY}' must be true or false, got {_kind(value)}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", type(None): "null", bool: "a boolean"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__
+    )

@@ -1,0 +1,364 @@
+"""Every environment variable the worker reads: name, default, parser and meaning, in one table.
+
+``Settings.from_env(mapping)`` is pure: it reads only the mapping it is given, validates every value
+and raises ``ConfigError`` naming the first bad variable. Nothing else in the worker reads the
+environment (except the pool bootstrap, which must run before any import).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import urlsplit
+
+from forwarder.errors import ConfigError
+from forwarder.pool_bootstrap import DEFAULT_POOL, POOL_ENV, POOLS
+
+RESULT_FORMATS = ("wrapped", "raw")
+HOOK_NAMES = ("callback", "logging")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+# ---------------------------------------------------------------------------------------- parsers
+# Each parser takes the raw string and returns the typed value or raises ValueError(reason).
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw.strip())
+    if value < 1:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw.strip())
+    if value < 0:
+        raise ValueError("must be an integer >= 0")
+    return value
+
+
+def _optional_positive_int(raw: str) -> int | None:
+    return None if raw.strip() == "" else _positive_int(raw)
+
+
+def _non_negative_float(raw: str) -> float:
+    value = float(raw.strip())
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a finite number >= 0")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = _non_negative_float(raw)
+    if value == 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def _bool(raw: str) -> bool:
+    word = raw.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError(f"must be one of {', '.join(_TRUE)} or {', '.join(w for w in _FALSE if w)}")
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return raw
+
+    return parse
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+def _queue(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _url(*schemes: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip()
+        parts = urlsplit(value)
+        if parts.scheme not in schemes:
+            raise ValueError(f"must be a URL with scheme {' or '.join(schemes)}")
+        if parts.scheme in ("http", "https", "redis", "rediss") and not parts.hostname:
+            raise ValueError("must name a host")
+        if parts.scheme == "s3" and not parts.netloc:
+            raise ValueError("must name a bucket: s3://bucket/prefix")
+        return value
+
+    return parse
+
+
+def _optional_url(*schemes: str) -> Callable[[str], str]:
+    strict = _url(*schemes)
+    return lambda raw: "" if raw.strip() == "" else strict(raw)
+
+
+def _hooks(raw: str) -> tuple[str, ...]:
+    names = [name.strip().lower() for name in raw.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(HOOK_NAMES))
+    if unknown:
+        raise ValueError(f"unknown hook {', '.join(unknown)}: expected callback and/or logging")
+    return tuple(dict.fromkeys(names))  # keep order, drop duplicates
+
+
+def _json_object(raw: str) -> dict[str, Any]:
+    if raw.strip() == "":
+        return {}
+    value = json.loads(raw)
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object")
+    return value
+
+
+def _csv(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+# ------------------------------------------------------------------------------------ the table
+
+
+@dataclass(frozen=True)
+class Var:
+    """One environment variable: its name, default (as the raw string), parser and meaning."""
+
+    name: str
+    default: str
+    parse: Callable[[str], Any]
+    help: str
+    attr: str = ""
+
+
+VARS: tuple[Var, ...] = (
+    # --- pool and Celery worker
+    Var(POOL_ENV, DEFAULT_POOL, _choice(*POOLS), "Worker pool: prefork (processes) or gevent (greenlets in one process).", "pool"),
+    Var("CELERY_BROKER_URL", "redis://localhost:6379/0", _url("redis", "rediss", "sqs"), "Broker: redis://host:port/db or sqs://.", "broker_url"),
+    Var("CELERY_RESULT_BACKEND", "redis://localhost:6379/1", _url("redis", "rediss", "s3"), "Result backend: redis://host:port/db or s3://bucket/prefix.", "result_backend"),
+    Var("CELERY_QUEUE", "celery", _queue, "The one queue this worker consumes (llm-engine: the endpoint's queue).", "queue"),
+    Var("CELERY_WORKER_CONCURRENCY", "4", _positive_int, "Tasks run at once: prefork children, or gevent greenlets.", "concurrency"),
+    Var("CELERY_WORKER_PREFETCH_MULTIPLIER", "1", _positive_int, "Messages reserved per slot; 1 lets replicas share a queue fairly.", "prefetch_multiplier"),
+    Var("CELERY_WORKER_MAX_TASKS_PER_CHILD", "", _optional_positive_int, "prefork: replace a child after this many tasks (unset: never). Ignored with a warning under gevent.", "max_tasks_per_child"),
+    Var("CELERY_WORKER_MAX_MEMORY_PER_CHILD", "", _optional_positive_int, "prefork: replace a child whose resident memory exceeds this many KiB after a task (unset: never). Ignored with a warning under gevent.", "max_memory_per_child"),
+    Var("CELERY_BROKER_VISIBILITY_TIMEOUT", "86400", _positive_float, "Seconds before an unacknowledged message (its worker died) is delivered again (Redis broker; SQS uses the queue's own VisibilityTimeout).", "visibility_timeout"),
+    Var("CELERY_SQS_QUEUE_URL", "", _optional_url("http", "https"), "SQS broker: the queue's URL, predefined so no ListQueues/CreateQueue is needed.", "sqs_queue_url"),
+    Var("CELERY_SQS_WAIT_TIME_SECONDS", "0", _non_negative_float, "SQS broker: ReceiveMessage long-poll seconds. 0 (short polling) avoids a message held by the poll of a worker that is exiting.", "sqs_wait_time_seconds"),
+    Var("CELERY_SQS_POLLING_INTERVAL", "1", _non_negative_float, "SQS broker: seconds between polls of an empty queue.", "sqs_polling_interval"),
+    Var("CELERY_LOG_LEVEL", "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "Log level of the worker.", "log_level"),
+    # --- the model server
+    Var("FORWARDER_MODEL_URL", "http://localhost:5005/predict", _url("http", "https"), "Where each task's payload is POSTed.", "model_url"),
+    Var("FORWARDER_HEALTHCHECK_URL", "http://localhost:5005/readyz", _url("http", "https"), "Model readiness URL; the worker starts consuming once it answers 200.", "healthcheck_url"),
+    Var("FORWARDER_MODEL_CONNECT_TIMEOUT", "5", _positive_float, "Seconds to connect to the model server.", "model_connect_timeout"),
+    Var("FORWARDER_MODEL_READ_TIMEOUT", "600", _positive_float, "Seconds to wait for the model's answer before the task fails.", "model_read_timeout"),
+    Var("FORWARDER_READY_TIMEOUT", "600", _non_negative_float, "Seconds to wait at start for the model's readiness before giving up (0: do not wait).", "ready_timeout"),
+    Var("FORWARDER_RESULT_FORMAT", "wrapped", _choice(*RESULT_FORMATS), 'wrapped: {"result": "<model JSON as a string>", "status_code": N} (llm-engine default); raw: the model JSON, payload forwarded whole.', "result_format"),
+    Var("FORWARDER_RETRY_MAX", "5", _non_negative_int, "Retries of a task whose model connection failed (refused, reset, connect timeout).", "retry_max"),
+    Var("FORWARDER_RETRY_BACKOFF", "2", _positive_int, "Whole seconds before the first retry; doubles each retry, with full jitter.", "retry_backoff"),
+    Var("FORWARDER_RETRY_BACKOFF_MAX", "60", _positive_int, "Longest wait between retries, in whole seconds.", "retry_backoff_max"),
+    # --- post-inference hooks
+    Var("FORWARDER_HOOKS", "", _hooks, "Comma-separated post-inference hooks: callback, logging (empty: none).", "hooks"),
+    Var("FORWARDER_ENDPOINT_CONFIG_PATH", "", _text, "Optional llm-engine endpoint-config file (base64 JSON); its hooks and identity are used where the FORWARDER_ variables are unset.", "endpoint_config_path"),
+    Var("FORWARDER_ENDPOINT_ID", "", _text, "Endpoint id, for the logging hook's record.", "endpoint_id"),
+    Var("FORWARDER_ENDPOINT_NAME", "", _text, "Endpoint name, for the logging hook's record.", "endpoint_name"),
+    Var("FORWARDER_ENDPOINT_TYPE", "async", _text, "Endpoint type, for the logging hook's record.", "endpoint_type"),
+    Var("FORWARDER_BUNDLE_ID", "", _text, "Model bundle id, for the logging hook's record.", "bundle_id"),
+    Var("FORWARDER_LABELS", "", _json_object, "Endpoint labels as a JSON object, for the logging hook's record.", "labels"),
+    Var("FORWARDER_CALLBACK_URL", "", _optional_url("http", "https"), "Default callback URL when a request names none.", "callback_url"),
+    Var("FORWARDER_CALLBACK_AUTH_USERNAME", "", _text, "Default callback basic-auth user.", "callback_username"),
+    Var("FORWARDER_CALLBACK_AUTH_PASSWORD", "", _text, "Default callback basic-auth password (never logged).", "callback_password"),
+    Var("FORWARDER_CALLBACK_ALLOWED_HOSTS", "", _csv, "Callback allow-list: host names, IPs or CIDRs (comma-separated). Unset: any public address; loopback, link-local, private and metadata addresses are refused.", "callback_allowed_hosts"),
+    Var("FORWARDER_CALLBACK_TIMEOUT", "10", _positive_float, "Seconds for one callback attempt (connect and read).", "callback_timeout"),
+    Var("FORWARDER_CALLBACK_RETRIES", "3", _positive_int, "Callback attempts in all (on connection errors and 5xx), with exponential backoff.", "callback_attempts"),
+    Var("FIREHOSE_STREAM_NAME", "", _text, "Firehose delivery stream of the logging hook.", "firehose_stream_name"),
+    Var("FIREHOSE_ROLE_ARN", "", _text, "Role assumed (STS) for Firehose; unset: the default credential chain.", "firehose_role_arn"),
+    Var("FIREHOSE_SESSION_DURATION", "3600", lambda raw: _bounded_int(raw, 900, 43200), "Assume-role session length in seconds (900-43200); an hour avoids botocore's 15-minute refresh on every call.", "firehose_session_duration"),
+    Var("FIREHOSE_REFRESH_LEEWAY", "600", _non_negative_float, "Rebuild the Firehose client this many seconds before its credentials expire.", "firehose_refresh_leeway"),
+    Var("FIREHOSE_CLIENT_MAX_POOL_CONNECTIONS", "", _optional_positive_int, "Connection pool of the Firehose client (unset: the worker concurrency, at least 10).", "firehose_max_pool_connections"),
+    # --- memory diagnostics
+    Var("FORWARDER_MEMORY_DEBUG", "0", _bool, "1: trace allocations and log a memory dump per process every interval and on SIGUSR2.", "memory_debug"),
+    Var("FORWARDER_MEMORY_DEBUG_INTERVAL", "300", _positive_float, "Seconds between memory dumps.", "memory_debug_interval"),
+    Var("FORWARDER_MEMORY_DEBUG_TOP", "15", _positive_int, "Allocation sites listed in each dump.", "memory_debug_top"),
+)
+
+
+def _bounded_int(raw: str, low: int, high: int) -> int:
+    value = int(raw.strip())
+    if not low <= value <= high:
+        raise ValueError(f"must be between {low} and {high}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated configuration. Build it with ``Settings.from_env``; fields follow ``VARS``."""
+
+    pool: str
+    broker_url: str
+    result_backend: str
+    queue: str
+    concurrency: int
+    prefetch_multiplier: int
+    max_tasks_per_child: int | None
+    max_memory_per_child: int | None
+    visibility_timeout: float
+    sqs_queue_url: str
+    sqs_wait_time_seconds: float
+    sqs_polling_interval: float
+    log_level: str
+    model_url: str
+    healthcheck_url: str
+    model_connect_timeout: float
+    model_read_timeout: float
+    ready_timeout: float
+    result_format: str
+    retry_max: int
+    retry_backoff: int
+    retry_backoff_max: int
+    hooks: tuple[str, ...]
+    endpoint_config_path: str
+    endpoint_id: str
+    endpoint_name: str
+    endpoint_type: str
+    bundle_id: str
+    labels: dict[str, Any]
+    callback_url: str
+    callback_username: str
+    callback_password: str = field(repr=False)
+    callback_allowed_hosts: tuple[str, ...] = ()
+    callback_timeout: float = 10.0
+    callback_attempts: int = 3
+    firehose_stream_name: str = ""
+    firehose_role_arn: str = ""
+    firehose_session_duration: int = 3600
+    firehose_refresh_leeway: float = 600.0
+    firehose_max_pool_connections: int | None = None
+    memory_debug: bool = False
+    memory_debug_interval: float = 300.0
+    memory_debug_top: int = 15
+    #: Warnings found while validating (settings that are valid but have no effect).
+    warnings: tuple[str, ...] = ()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        """Parse and validate every variable in ``VARS`` from ``environ``.
+
+        Raises:
+            ConfigError: naming the first invalid variable and why.
+        """
+        values: dict[str, Any] = {}
+        for var in VARS:
+            raw = environ.get(var.name, var.default)
+            try:
+                values[var.attr] = var.parse(raw)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(var.name, raw, _reason(exc)) from None
+        values = _apply_endpoint_config(values)
+        _check_combinations(values)
+        values["warnings"] = _warnings(values)
+        return cls(**values)
+
+    @property
+    def firehose_pool_size(self) -> int:
+        """Connections in the Firehose client's pool: explicit, or enough for every slot."""
+        return self.firehose_max_pool_connections or max(10, self.concurrency)
+
+    @property
+    def broker_is_sqs(self) -> bool:
+        return self.broker_url.startswith("sqs://")
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (for tests and the demo)."""
+        current = {f.name: getattr(self, f.name) for f in fields(self)}
+        current.update(changes)
+        return Settings(**current)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, json.JSONDecodeError):
+        return f"is not valid JSON ({exc.msg})"
+    if text.startswith("invalid literal") or text.startswith("could not convert"):
+        return "is not a number"
+    return text
+
+
+def _check_combinations(values: dict[str, Any]) -> None:
+    if values["broker_url"].startswith("sqs://") and not values["sqs_queue_url"]:
+        raise ConfigError("CELERY_SQS_QUEUE_URL", "", "is required when CELERY_BROKER_URL is sqs://")
+    if "logging" in values["hooks"] and not values["firehose_stream_name"]:
+        raise ConfigError("FIREHOSE_STREAM_NAME", "", "is required when FORWARDER_HOOKS includes logging")
+
+
+def _warnings(values: dict[str, Any]) -> tuple[str, ...]:
+    found = []
+    if values["pool"] == "gevent":
+        for attr, name in (
+            ("max_tasks_per_child", "CELERY_WORKER_MAX_TASKS_PER_CHILD"),
+            ("max_memory_per_child", "CELERY_WORKER_MAX_MEMORY_PER_CHILD"),
+        ):
+            if values[attr] is not None:
+                found.append(f"{name} has no effect under the gevent pool (one process, no children); ignored")
+    return tuple(found)
+
+
+def _apply_endpoint_config(values: dict[str, Any]) -> dict[str, Any]:
+    """Fill hook settings from llm-engine's base64 endpoint-config file where env left them unset."""
+    path = values["endpoint_config_path"]
+    if not path:
+        return values
+    name = "FORWARDER_ENDPOINT_CONFIG_PATH"
+    try:
+        with open(path, "rb") as handle:
+            config = json.loads(base64.b64decode(handle.read(), validate=False))
+    except OSError as exc:
+        raise ConfigError(name, path, f"cannot be read ({exc.strerror})") from None
+    except (binascii.Error, ValueError):
+        raise ConfigError(name, path, "is not base64-encoded JSON") from None
+    if not isinstance(config, dict):
+        raise ConfigError(name, path, "does not hold a JSON object")
+    merged = dict(values)
+    if not merged["hooks"] and config.get("post_inference_hooks"):
+        try:
+            merged["hooks"] = _hooks(",".join(str(h) for h in config["post_inference_hooks"]))
+        except ValueError as exc:
+            raise ConfigError(name, path, f"post_inference_hooks: {exc}") from None
+    simple = {
+        "endpoint_id": "endpoint_id",
+        "endpoint_name": "endpoint_name",
+        "bundle_id": "bundle_id",
+        "callback_url": "default_callback_url",
+    }
+    for attr, key in simple.items():
+        if not merged[attr] and config.get(key):
+            merged[attr] = str(config[key])
+    if not merged["labels"] and isinstance(config.get("labels"), dict):
+        merged["labels"] = config["labels"]
+    auth = config.get("default_callback_auth") or {}
+    if not merged["callback_username"] and isinstance(auth, dict):
+        merged["callback_username"] = str(auth.get("username") or auth.get("user_id") or "")
+        merged["callback_password"] = str(auth.get("password") or "")
+    return merged
+
+
+def describe() -> str:
+    """The environment table for ``--help``: every variable, its default and meaning."""
+    width = max(len(var.name) for var in VARS)
+    lines = []
+    for var in VARS:
+        default = var.default if var.default != "" else "(unset)"
+        lines.append(f"  {var.name:<{width}}  default: {default}\n  {'':<{width}}  {var.help}")
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""The forward task, wire-compatible with llm-engine's celery forwarder.
+
+Producers send ``[request_dict, arrival_timestamp, *ignored]`` (llm-engine always adds
+``return_pickled``) plus optional tracing kwargs, under either of two names; both run the same body
+and both retry connection failures with bounded exponential backoff (llm-engine's legacy name never
+retried). After the result is stored, ``ForwardTask.after_return`` rewrites a failure into llm-engine's
+error meta and runs the post-inference hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from celery import Task, states
+
+from forwarder import deps
+from forwarder.errors import ForwarderError
+from forwarder.payload import error_payload, plan_request, shape_result
+
+logger = logging.getLogger(__name__)
+
+#: llm-engine's LIRA task name (runnable-image bundles).
+TASK_NAME = "ml_serve.celery_service.exec_func"
+#: llm-engine's pre-LIRA task name, still sent for legacy bundles.
+LEGACY_TASK_NAME = "hosted_model_inference.inference.async_inference.tasks.predict"
+TASK_NAMES = (TASK_NAME, LEGACY_TASK_NAME)
+
+
+def exec_func(payload: Any, arrival_timestamp: Any = None, *ignored_args: Any, **kwargs: Any) -> Any:
+    """Forward one request to the model and return the result to store.
+
+    ``arrival_timestamp`` and further positional args (``return_pickled``) are accepted and unused;
+    tracing kwargs are ignored (ddtrace propagates context through Celery's headers itself).
+    """
+    current = deps.current()
+    plan = plan_request(payload, current.settings.result_format)
+    answer = current.model.predict(plan.body)
+    return shape_result(answer.body, answer.status_code, plan)
+
+
+class ForwardTask(Task):
+    """Base of both task names: llm-engine's failure meta, then hooks, after the result is stored."""
+
+    # Expected failures (model down, malformed request) are reported in the stored result and one
+    # log line; Celery logs exceptions listed here without a traceback.
+    throws = (ForwarderError,)
+
+    def after_return(
+        self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        """Store llm-engine's error meta on failure, then run the hooks; never raises.
+
+        Anything raised here would be a Celery "internal error" that overwrites a stored SUCCESS,
+        so every step is guarded.
+        """
+        request = args[0] if args else None
+        try:
+            if status == states.FAILURE and isinstance(retval, BaseException):
+                response: Any = self._store_failure(task_id, retval, einfo)
+            else:
+                response = retval
+            deps.current().hooks.run(request, response, task_id)
+        except Exception as exc:
+            logger.error("after-return handling failed for task %s: %s: %s", task_id, type(exc).__name__, exc)
+        finally:
+            # Drop frame references so no task's buffers outlive it (exceptions pin every frame).
+            if isinstance(retval, BaseException):
+                retval.__traceback__ = None
+            if einfo is not None:
+                einfo.exception = None
+                einfo.tb = None
+
+    def _store_failure(self, task_id: str, exc: BaseException, einfo: Any) -> dict[str, str]:
+        """Overwrite the failure meta the way llm-engine's readers expect, keeping the traceback."""
+        payload = error_payload(exc)
+        prepared = self.backend.prepare_exception(exc)
+        meta = {
+            "exc_type": prepared["exc_type"],
+            "exc_message": prepared["exc_message"],
+            "custom": json.dumps(payload),
+        }
+        traceback_text = getattr(einfo, "traceback", None)
+        self.backend.store_result(task_id, meta, states.FAILURE, traceback=traceback_text, request=self.request)
+        logger.warning("task %s failed: %s: %s", task_id, type(exc).__name__, exc)
+        return payload

@@ -1,0 +1,1 @@
+"""Adapters to outside services (AWS, callback endpoints), each holding its clients once per process."""

@@ -1,0 +1,196 @@
+"""One client per process and credential set: built lazily, rebuilt before it expires, closed at exit.
+
+Incident (the reason this project exists): a worker built an STS session, assumed a role and built a
+new Firehose client on every task; under long-lived prefork children that churn grew memory until
+the pod was OOM-killed. Every client the worker holds (HTTP sessions, STS, Firehose, S3) goes through
+``CachedClient`` so it is built once per process, never per task.
+
+Rules kept here:
+- ``build`` is pure: it returns ``(client, expiry)`` and touches no state. The cache installs both
+  together under a double-checked lock, so concurrent callers (threads, or greenlets under gevent,
+  where ``threading.Lock`` is patched) cause exactly one build, and a failed build never advances the
+  expiry past a client that was not installed.
+- A rebuild that fails while the old client is still valid keeps serving the old client, and the
+  next try waits for an exponential backoff instead of hammering the credential service on every call.
+- While one caller rebuilds an expiring-but-valid client, others keep using the old one (no waiting
+  behind network I/O).
+- Fork safety: after ``os.fork`` the child forgets every cached client (the parent's sockets and
+  credentials are never used by a child) and gets fresh locks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+Clock = Callable[[], datetime]
+
+logger = logging.getLogger(__name__)
+_ALL: weakref.WeakSet[CachedClient[object]] = weakref.WeakSet()
+
+
+class ClientUnavailable(RuntimeError):
+    """No usable client: the last build failed and the backoff has not elapsed yet."""
+
+
+def utcnow() -> datetime:
+    """The default clock: aware UTC now."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class _Installed(Generic[T]):
+    client: T
+    expiry: datetime | None  # None: never expires
+
+
+class CachedClient(Generic[T]):
+    """Hold one client built by ``build`` and hand it out until it nears expiry.
+
+    Parameters:
+        name: for logs.
+        build: pure factory returning ``(client, expiry)``; expiry is an aware datetime or None.
+        leeway: rebuild this long before the expiry.
+        close: how to close a client (default: its ``close()`` method, if any).
+        clock: returns aware "now"; injectable for tests.
+        backoff_initial, backoff_max: seconds between failed builds (doubling).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        build: Callable[[], tuple[T, datetime | None]],
+        *,
+        leeway: timedelta = timedelta(0),
+        close: Callable[[T], None] | None = None,
+        clock: Clock = utcnow,
+        backoff_initial: float = 1.0,
+        backoff_max: float = 60.0,
+    ) -> None:
+        self.name = name
+        self._build = build
+        self._leeway = leeway
+        self._close = close
+        self._clock = clock
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._reset()
+        _ALL.add(self)  # type: ignore[arg-type]
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._installed: _Installed[T] | None = None
+        self._failures = 0
+        self._retry_at: datetime | None = None
+        self._last_error: BaseException | None = None
+        #: How many builds succeeded in this process (for tests and diagnostics).
+        self.builds = 0
+
+    # ------------------------------------------------------------------------------ public API
+
+    def get(self) -> T:
+        """Return the cached client, building or refreshing it first if needed.
+
+        Raises:
+            ClientUnavailable: no valid client, and the last build failed less than a backoff ago.
+            Exception: whatever ``build`` raised, when there is no valid client to fall back on.
+        """
+        installed = self._installed
+        if installed is not None and self._fresh(installed):
+            return installed.client
+        usable = installed is not None and self._valid(installed)
+        # An expiring-but-valid client: whoever gets the lock refreshes, the rest use the old one.
+        if not self._lock.acquire(blocking=not usable):
+            return installed.client  # type: ignore[union-attr]
+        try:
+            return self._refresh_locked()
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        """Close and forget the client (the next ``get`` builds a new one)."""
+        with self._lock:
+            installed, self._installed = self._installed, None
+        if installed is not None:
+            self._close_client(installed.client)
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _refresh_locked(self) -> T:
+        installed = self._installed
+        if installed is not None and self._fresh(installed):
+            return installed.client  # someone else refreshed while we waited
+        now = self._clock()
+        usable = installed is not None and self._valid(installed)
+        if self._retry_at is not None and now < self._retry_at:
+            if usable:
+                return installed.client  # type: ignore[union-attr]
+            raise ClientUnavailable(
+                f"{self.name}: last build failed ({self._last_error!r}); next try after {self._retry_at:%H:%M:%S}"
+            )
+        try:
+            client, expiry = self._build()
+        except Exception as exc:
+            self._note_failure(now, exc)
+            if usable:
+                logger.warning(
+                    "%s: refresh failed (%s); keeping the current client, valid until %s",
+                    self.name, _describe(exc), installed.expiry,  # type: ignore[union-attr]
+                )
+                return installed.client  # type: ignore[union-attr]
+            raise
+        self._installed = _Installed(client, expiry)
+        self._failures, self._retry_at, self._last_error = 0, None, None
+        self.builds += 1
+        # The old client is not closed here: other greenlets may still be mid-call on it; the GC
+        # closes it once the last of them lets go.
+        logger.info("%s: client built (pid %d, expires %s)", self.name, os.getpid(), expiry or "never")
+        return client
+
+    def _note_failure(self, now: datetime, exc: BaseException) -> None:
+        self._failures += 1
+        delay = min(self._backoff_max, self._backoff_initial * 2 ** (self._failures - 1))
+        self._retry_at = now + timedelta(seconds=delay)
+        self._last_error = exc
+        exc.__traceback__ = None  # keep no frames alive in the cache
+
+    def _fresh(self, installed: _Installed[T]) -> bool:
+        return installed.expiry is None or self._clock() < installed.expiry - self._leeway
+
+    def _valid(self, installed: _Installed[T]) -> bool:
+        return installed.expiry is None or self._clock() < installed.expiry
+
+    def _close_client(self, client: T) -> None:
+        try:
+            if self._close is not None:
+                self._close(client)
+            elif hasattr(client, "close"):
+                client.close()
+        except Exception as exc:  # closing is best effort at shutdown
+            logger.warning("%s: close failed: %s", self.name, _describe(exc))
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def close_all() -> None:
+    """Close every cached client of this process (worker shutdown)."""
+    for cache in list(_ALL):
+        cache.close()
+
+
+def _forget_after_fork() -> None:
+    # The child must never use (or close) the parent's clients: drop them and start over.
+    for cache in list(_ALL):
+        cache._reset()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)

@@ -1,0 +1,67 @@
+"""The llm-engine contract as pure functions: unwrapping, result shapes, the error payload."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from forwarder.errors import MalformedRequest
+from forwarder.payload import error_payload, plan_request, shape_result
+
+
+def test_wrapped_forwards_args_and_stores_json_string_with_status():
+    plan = plan_request({"args": {"x": 1}, "url": None, "return_pickled": False}, "wrapped")
+    assert plan.body == {"x": 1}
+    assert shape_result({"y": 2}, 200, plan) == {"result": json.dumps({"y": 2}), "status_code": 200}
+
+
+def test_wrapped_without_args_forwards_the_whole_request():
+    plan = plan_request({"x": 1}, "wrapped")
+    assert plan.body == {"x": 1}
+
+
+def test_non_2xx_is_a_result_with_its_status():
+    plan = plan_request({"args": {}}, "wrapped")
+    assert shape_result({"detail": "bad"}, 422, plan) == {"result": '{"detail": "bad"}', "status_code": 422}
+
+
+@pytest.mark.parametrize("where", ["top", "args"])
+def test_serialize_override(where):
+    request = {"args": {"x": 1}}
+    target = request if where == "top" else request["args"]
+    target["serialize_results_as_string"] = False
+    plan = plan_request(request, "wrapped")
+    assert shape_result({"y": 2}, 200, plan) == {"result": {"y": 2}, "status_code": 200}
+
+
+def test_top_level_override_wins():
+    plan = plan_request({"serialize_results_as_string": True, "args": {"serialize_results_as_string": False}}, "wrapped")
+    assert plan.serialize_as_string is True
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [None, [], "text", 3, {"args": None}, {"args": "text"}, {"args": 7}, {"serialize_results_as_string": "false"}],
+)
+def test_malformed_requests_fail_clearly(request_):
+    with pytest.raises(MalformedRequest) as caught:
+        plan_request(request_, "wrapped")
+    assert "request" in str(caught.value) or "serialize" in str(caught.value)
+
+
+def test_raw_forwards_everything_and_stores_model_json():
+    request = {"args": {"x": 1}, "url": None}
+    plan = plan_request(request, "raw")
+    assert plan.body == request
+    assert shape_result({"y": 2}, 500, plan) == {"y": 2}
+
+
+def test_error_payload_shape():
+    try:
+        raise ValueError("boom")
+    except ValueError as exc:
+        payload = error_payload(exc)
+    assert payload["error"] == "boom"
+    assert payload["error_metadata"].startswith("Internal failure\nTraceback")
+    assert "ValueError: boom" in payload["error_metadata"]
