@@ -4,4 +4,5 @@ Fixture modules live in tests/support/ (one per kind of server); they are import
 module sees them.
 """
 
+from tests.support.aws import *  # noqa: F403
 from tests.support.servers import *  # noqa: F403
