@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery
 
@@ -12,6 +14,12 @@ from forwarder.settings import Settings
 
 #: Seconds to open a connection to Redis (broker and results) before failing over to a retry.
 REDIS_CONNECT_TIMEOUT = 5.0
+#: AWS SQS endpoints: sqs.<region>.amazonaws.com[.cn], VPC endpoints ...sqs.<region>.vpce.amazonaws.com,
+#: and the legacy <region>.queue.amazonaws.com.
+_SQS_HOST = re.compile(
+    r"(?:^|\.)sqs\.(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)\.(?:vpce\.)?amazonaws\.com(?:\.cn)?$"
+    r"|^(?P<legacy>[a-z]{2}(?:-[a-z]+)+-\d+)\.queue\.amazonaws\.com(?:\.cn)?$"
+)
 #: Seconds a Redis read may block; above the broker's 1 s BRPOP so polling never trips it.
 REDIS_SOCKET_TIMEOUT = 30.0
 
@@ -38,8 +46,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_track_started": True,
-        # Reserve one message per slot: replicas share the queue, yet no slot idles.
-        "worker_prefetch_multiplier": settings.prefetch_multiplier,
+        # Reserve little more than the slots can run: replicas share the queue, yet no slot idles.
+        "worker_prefetch_multiplier": settings.effective_prefetch_multiplier,
         # One result backend (one connection pool / S3 client) per process, not per greenlet.
         "result_backend_thread_safe": True,
         "task_default_queue": settings.queue,
@@ -49,9 +57,19 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_redirect_stdouts": False,
     }
     if settings.broker_is_sqs:
-        # Remote control needs a broadcast queue per worker; on SQS that means CreateQueue calls.
+        # Remote control needs a broadcast queue per worker (CreateQueue on SQS), which kombu refuses
+        # once queues are predefined; events would need their own queues too.
         config["worker_enable_remote_control"] = False
         config["worker_send_task_events"] = False
+    if settings.result_backend.startswith("s3://"):
+        from gateways.s3_backend import backend_url
+
+        # Celery's S3 backend, but with one S3 client per process, built lazily in that process (a
+        # prefork child never uses the parent's). The endpoint comes from boto3's own AWS_ENDPOINT_URL.
+        config["result_backend"] = backend_url(settings.result_backend)
+        config["s3_max_pool_connections"] = settings.concurrency
+        if settings.aws_region:
+            config["s3_region"] = settings.aws_region
     if settings.result_backend.startswith(("redis://", "rediss://")):
         config.update(
             redis_socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
@@ -65,18 +83,45 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
     """Transport options for Redis or SQS."""
     if settings.broker_is_sqs:
-        return {
-            "predefined_queues": {settings.queue: {"url": settings.sqs_queue_url}},
-            "wait_time_seconds": settings.sqs_wait_time_seconds,
+        # Predefined: kombu neither lists nor creates queues, and refuses any queue not named here (so
+        # CELERY_QUEUE must be the key producers use too). The endpoint comes from boto3's own
+        # AWS_ENDPOINT_URL; the region from AWS_REGION if set, else boto3's chain (AWS_DEFAULT_REGION),
+        # and an AWS queue URL's own region wins for its queue.
+        queue: dict[str, Any] = {"url": settings.sqs_queue_url}
+        queue_region = sqs_queue_region(settings.sqs_queue_url)
+        if queue_region:
+            queue["region"] = queue_region
+        options: dict[str, Any] = {
+            "predefined_queues": {settings.queue: queue},
+            # Short polling by default (0; as llm-engine): a long poll still open when a worker exits
+            # (warm shutdown, rolling restart) can be handed the next message, which then stays
+            # invisible until the queue's VisibilityTimeout (hours in production). SQS takes whole
+            # seconds (boto3 rejects a float). An empty poll waits polling_interval (default 1 s) before
+            # the next; after a non-empty poll the next one is immediate. So pickup latency is at
+            # most ~1 s, for ~1 ReceiveMessage per second per worker process while idle.
+            "wait_time_seconds": int(settings.sqs_wait_time_seconds),
             "polling_interval": settings.sqs_polling_interval,
+            # Unused with predefined queues (the queue's own VisibilityTimeout applies).
             "visibility_timeout": settings.visibility_timeout,
         }
+        if settings.aws_region:
+            options["region"] = settings.aws_region
+        return options
     return {
         "visibility_timeout": settings.visibility_timeout,
         "socket_connect_timeout": REDIS_CONNECT_TIMEOUT,
         "socket_timeout": REDIS_SOCKET_TIMEOUT,
         "socket_keepalive": True,
     }
+
+
+def sqs_queue_region(url: str) -> str | None:
+    """The region in an AWS SQS queue URL (``https://sqs.us-west-2.amazonaws.com/...``), else None."""
+    host = urlsplit(url).hostname or ""
+    match = _SQS_HOST.search(host)
+    if match is None:
+        return None
+    return match.group("region") or match.group("legacy")
 
 
 def register_tasks(app: Celery, settings: Settings) -> None:

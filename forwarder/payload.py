@@ -59,10 +59,14 @@ def shape_result(model_json: Any, status_code: int, plan: Plan) -> Any:
     return {"result": result, "status_code": status_code}
 
 
-def error_payload(exc: BaseException) -> dict[str, str]:
+def format_trace(exc: BaseException) -> str:
+    """The exception's traceback as text (the frames themselves are not kept)."""
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def error_payload(exc: BaseException, trace: str | None = None) -> dict[str, str]:
     """llm-engine's error shape: ``{"error": str(exc), "error_metadata": "Internal failure\\n<trace>"}``."""
-    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return {"error": str(exc), "error_metadata": f"Internal failure\n{trace}"}
+    return {"error": str(exc), "error_metadata": f"Internal failure\n{trace or format_trace(exc)}"}
 
 
 def _serialize_override(mapping: dict[str, Any]) -> bool | None:

@@ -17,7 +17,7 @@ from celery import Task, states
 
 from forwarder import deps
 from forwarder.errors import ForwarderError
-from forwarder.payload import error_payload, plan_request, shape_result
+from forwarder.payload import error_payload, format_trace, plan_request, shape_result
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class ForwardTask(Task):
         request = args[0] if args else None
         try:
             if status == states.FAILURE and isinstance(retval, BaseException):
-                response: Any = self._store_failure(task_id, retval, einfo)
+                response: Any = self._store_failure(task_id, retval)
             else:
                 response = retval
             deps.current().hooks.run(request, response, task_id)
@@ -72,16 +72,19 @@ class ForwardTask(Task):
                 einfo.exception = None
                 einfo.tb = None
 
-    def _store_failure(self, task_id: str, exc: BaseException, einfo: Any) -> dict[str, str]:
-        """Overwrite the failure meta the way llm-engine's readers expect, keeping the traceback."""
-        payload = error_payload(exc)
+    def _store_failure(self, task_id: str, exc: BaseException) -> dict[str, str]:
+        """Overwrite the failure meta the way llm-engine's readers expect, keeping the traceback.
+
+        (Celery passes ``einfo=None`` to ``after_return`` on failure, so the trace comes from ``exc``.)
+        """
+        trace = format_trace(exc)
+        payload = error_payload(exc, trace)
         prepared = self.backend.prepare_exception(exc)
         meta = {
             "exc_type": prepared["exc_type"],
             "exc_message": prepared["exc_message"],
             "custom": json.dumps(payload),
         }
-        traceback_text = getattr(einfo, "traceback", None)
-        self.backend.store_result(task_id, meta, states.FAILURE, traceback=traceback_text, request=self.request)
+        self.backend.store_result(task_id, meta, states.FAILURE, traceback=trace, request=self.request)
         logger.warning("task %s failed: %s: %s", task_id, type(exc).__name__, exc)
         return payload

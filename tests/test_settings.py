@@ -16,7 +16,8 @@ def test_defaults_match_a_model_server_on_localhost_5005():
     assert settings.pool == "prefork"
     assert settings.model_url == "http://localhost:5005/predict"
     assert settings.healthcheck_url == "http://localhost:5005/readyz"
-    assert settings.prefetch_multiplier == 1
+    assert settings.effective_prefetch_multiplier == 1
+    assert Settings.from_env({"CELERY_WORKER_POOL": "gevent"}).effective_prefetch_multiplier == 2
     assert settings.max_tasks_per_child is None
     assert settings.result_format == "wrapped"
     assert settings.hooks == ()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -78,5 +79,7 @@ def start_worker(base_env: dict[str, str]) -> Iterator[Callable[..., WorkerProce
         return worker.start(wait_ready=wait_ready, timeout=timeout)
 
     yield start
+    for worker in started:  # signal all first: their warm shutdowns overlap
+        worker.signal(signal.SIGTERM)
     for worker in started:
         worker.stop(timeout=20)

@@ -1,0 +1,167 @@
+"""``python -m forwarder`` as a process: bad environments, gevent patch order, --help and check.
+
+Monkey-patching is process-global, so each check runs in a child interpreter that reports through
+its exit status; every child has a timeout so a deadlock fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from forwarder.devservers import worker_env
+from forwarder.settings import VARS
+
+# A bad value for every variable that is validated (free-text ones accept anything).
+BAD_VALUES = {
+    "CELERY_WORKER_POOL": "threads",
+    "CELERY_BROKER_URL": "amqp://guest@localhost//",
+    "CELERY_RESULT_BACKEND": "rpc://",
+    "CELERY_QUEUE": "",
+    "CELERY_WORKER_CONCURRENCY": "0",
+    "CELERY_WORKER_PREFETCH_MULTIPLIER": "-2",
+    "CELERY_WORKER_MAX_TASKS_PER_CHILD": "abc",
+    "CELERY_WORKER_MAX_MEMORY_PER_CHILD": "0",
+    "CELERY_BROKER_VISIBILITY_TIMEOUT": "never",
+    "CELERY_SQS_QUEUE_URL": "queue-name-only",
+    "CELERY_SQS_WAIT_TIME_SECONDS": "-1",
+    "CELERY_SQS_POLLING_INTERVAL": "soon",
+    "CELERY_LOG_LEVEL": "LOUD",
+    "FORWARDER_MODEL_URL": "ftp://localhost/predict",
+    "FORWARDER_HEALTHCHECK_URL": "http://",
+    "FORWARDER_MODEL_CONNECT_TIMEOUT": "0",
+    "FORWARDER_MODEL_READ_TIMEOUT": "nan",
+    "FORWARDER_READY_TIMEOUT": "-1",
+    "FORWARDER_RESULT_FORMAT": "xml",
+    "FORWARDER_RETRY_MAX": "many",
+    "FORWARDER_RETRY_BACKOFF": "0",
+    "FORWARDER_RETRY_BACKOFF_MAX": "1.5",
+    "FORWARDER_HOOKS": "billing",
+    "FORWARDER_ENDPOINT_CONFIG_PATH": "/nonexistent/endpoint_config",
+    "FORWARDER_LABELS": "{not json",
+    "FORWARDER_CALLBACK_URL": "javascript:alert(1)",
+    "FORWARDER_CALLBACK_TIMEOUT": "0",
+    "FORWARDER_CALLBACK_RETRIES": "0",
+    "FIREHOSE_SESSION_DURATION": "100000",
+    "FIREHOSE_REFRESH_LEEWAY": "-5",
+    "FIREHOSE_CLIENT_MAX_POOL_CONNECTIONS": "0",
+    "FORWARDER_MEMORY_DEBUG": "perhaps",
+    "FORWARDER_MEMORY_DEBUG_INTERVAL": "0",
+    "FORWARDER_MEMORY_DEBUG_TOP": "ten",
+}
+FREE_TEXT = {
+    "FORWARDER_ENDPOINT_ID", "FORWARDER_ENDPOINT_NAME", "FORWARDER_ENDPOINT_TYPE", "FORWARDER_BUNDLE_ID",
+    "FORWARDER_CALLBACK_AUTH_USERNAME", "FORWARDER_CALLBACK_AUTH_PASSWORD", "FIREHOSE_STREAM_NAME",
+    "FIREHOSE_ROLE_ARN", "FORWARDER_CALLBACK_ALLOWED_HOSTS",
+}
+
+
+def run_forwarder(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "forwarder", *args], env=worker_env(**env), capture_output=True, text=True,
+        timeout=timeout, stdin=subprocess.DEVNULL,
+    )
+
+
+def test_every_validated_variable_has_a_bad_value_here():
+    assert {var.name for var in VARS} == set(BAD_VALUES) | FREE_TEXT
+
+
+@pytest.mark.parametrize(("name", "value"), sorted(BAD_VALUES.items()))
+def test_invalid_env_stops_the_worker_with_one_line_and_status_2(name, value):
+    # FORWARDER_READY_TIMEOUT=0 and an unreachable broker: had validation passed, the worker would
+    # try to run; it must stop before that.
+    done = run_forwarder(**{name: value})
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert name in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_help_lists_every_variable_with_its_default():
+    done = run_forwarder("--help")
+    assert done.returncode == 0
+    for var in VARS:
+        assert var.name in done.stdout
+    assert "default: http://localhost:5005/predict" in done.stdout
+
+
+def test_check_validates_and_exits_without_starting():
+    done = run_forwarder("check", CELERY_WORKER_POOL="gevent", CELERY_WORKER_MAX_TASKS_PER_CHILD="5")
+    assert done.returncode == 0, done.stderr
+    assert "configuration OK" in done.stdout
+    assert "no effect under the gevent pool" in done.stdout
+
+
+# The child installs an import hook, then runs the real entry point (``check``), then imports the
+# whole worker. It records whether socket and ssl were already patched when each watched library
+# was first imported, and whether ssl was imported before the patch. Exit 0 only if all is well.
+PATCH_ORDER_CHILD = textwrap.dedent(
+    """
+    import runpy, sys
+    WATCHED = ("celery", "kombu", "redis", "requests", "urllib3", "boto3", "botocore", "ssl")
+    seen = {}
+
+    class Watch:
+        def find_spec(self, name, path=None, target=None):
+            root = name.split(".")[0]
+            if root in WATCHED and root not in seen:
+                monkey = sys.modules.get("gevent.monkey")
+                seen[root] = bool(monkey and monkey.is_module_patched("socket"))
+            return None
+
+    sys.meta_path.insert(0, Watch())
+    sys.argv = ["forwarder", "check"]
+    try:
+        runpy.run_module("forwarder", run_name="__main__", alter_sys=True)
+    except SystemExit as exit_:
+        assert exit_.code == 0, exit_.code
+    import forwarder.worker, forwarder.app, forwarder.tasks, gateways.cached_client  # noqa
+    import boto3, requests  # noqa
+    from gevent import monkey
+    assert monkey.is_module_patched("socket") and monkey.is_module_patched("ssl"), "not patched"
+    late = [name for name, patched in seen.items() if not patched]
+    assert not late, f"imported before the gevent patch: {late}"
+    assert {"celery", "requests", "boto3"} <= set(seen), seen
+    print("patched first:", sorted(seen))
+    """
+)
+
+PREFORK_CHILD = textwrap.dedent(
+    """
+    import runpy, sys
+    sys.argv = ["forwarder", "check"]
+    try:
+        runpy.run_module("forwarder", run_name="__main__", alter_sys=True)
+    except SystemExit as exit_:
+        assert exit_.code == 0, exit_.code
+    import forwarder.worker, forwarder.app, forwarder.tasks, boto3, requests  # noqa
+    from celery.concurrency import get_implementation
+    get_implementation("prefork")
+    assert "gevent" not in sys.modules, "gevent imported under prefork"
+    assert "gevent.monkey" not in sys.modules
+    print("gevent never imported")
+    """
+)
+
+
+def run_child(code: str, pool: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], env=worker_env(CELERY_WORKER_POOL=pool), capture_output=True, text=True,
+        timeout=60,
+    )
+
+
+def test_gevent_patches_socket_and_ssl_before_any_network_library():
+    done = run_child(PATCH_ORDER_CHILD, "gevent")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "patched first" in done.stdout
+
+
+def test_prefork_never_imports_gevent():
+    done = run_child(PREFORK_CHILD, "prefork")
+    assert done.returncode == 0, done.stdout + done.stderr

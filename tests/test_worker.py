@@ -1,0 +1,146 @@
+"""The worker end to end, launched as in production, with tasks sent as llm-engine's gateway sends them."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+import redis
+
+from forwarder.demo import send
+from forwarder.devservers import free_port, wait_for
+from forwarder.tasks import LEGACY_TASK_NAME, TASK_NAME
+
+POOLS = ["prefork", "gevent"]
+
+
+def stored_meta(redis_server, task_id: str) -> dict:
+    """The raw result meta the worker stored (Redis DB 1), as llm-engine's readers see it."""
+    client = redis.Redis.from_url(f"{redis_server.url}/1")
+    raw = client.get(f"celery-task-meta-{task_id}")
+    client.close()
+    assert raw is not None, f"no result stored for {task_id}"
+    return json.loads(raw)
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_both_task_names_store_llm_engine_wrapped_results(pool, start_worker, producer, model, queue, redis_server):
+    start_worker(pool)
+    results = [
+        send(producer, {"args": {"id": i, "prompt": "hi"}, "url": None, "return_pickled": False}, name, queue=queue)
+        for i, name in enumerate([TASK_NAME, LEGACY_TASK_NAME, TASK_NAME, LEGACY_TASK_NAME])
+    ]
+    for i, result in enumerate(results):
+        value = result.get(timeout=30)
+        assert value == {
+            "result": json.dumps({"echo": {"id": i, "prompt": "hi"}, "model": "example", "length": 25}),
+            "status_code": 200,
+        }
+        meta = stored_meta(redis_server, result.id)
+        assert meta["status"] == "SUCCESS" and meta["task_id"] == result.id
+    assert {"id": 0, "prompt": "hi"} in model.behaviour.bodies  # args unwrapped before the POST
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_non_2xx_is_stored_as_success_with_its_status(pool, start_worker, producer, model, queue):
+    start_worker(pool)
+    model.behaviour.status = 503
+    result = send(producer, {"args": {"id": 1}}, queue=queue)
+    value = result.get(timeout=30)
+    assert result.status == "SUCCESS"
+    assert value["status_code"] == 503
+    assert json.loads(value["result"])["echo"] == {"id": 1}
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_malformed_request_fails_before_any_http_call_and_worker_keeps_serving(
+    pool, start_worker, producer, model, queue, redis_server
+):
+    worker = start_worker(pool)
+    bad = send(producer, {"args": "not an object"}, queue=queue)
+    with pytest.raises(Exception) as caught:
+        bad.get(timeout=30)
+    assert "args" in str(caught.value) and "must be a JSON object" in str(caught.value)
+    assert bad.status == "FAILURE"
+    meta = stored_meta(redis_server, bad.id)
+    assert meta["result"]["exc_type"] == "MalformedRequest"
+    custom = json.loads(meta["result"]["custom"])
+    assert custom["error"] == str(caught.value)
+    assert custom["error_metadata"].startswith("Internal failure\n")
+    assert meta["traceback"]  # kept, unlike llm-engine's overwrite
+    assert model.behaviour.total == 0
+    good = send(producer, {"args": {"id": 2}}, queue=queue)
+    assert good.get(timeout=30)["status_code"] == 200
+    assert "Traceback" not in worker.output  # expected failures are one line, not a stack dump
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_raw_result_format(pool, start_worker, producer, model, queue):
+    start_worker(pool, FORWARDER_RESULT_FORMAT="raw")
+    request = {"args": {"id": 3}, "url": None}
+    assert send(producer, request, queue=queue).get(timeout=30) == {
+        "echo": request, "model": "example", "length": len(json.dumps(request)),
+    }
+
+
+@pytest.mark.parametrize("task_name", [TASK_NAME, LEGACY_TASK_NAME])
+def test_connection_errors_retry_with_backoff_then_fail_under_both_names(task_name, start_worker, producer, queue):
+    closed = f"http://127.0.0.1:{free_port()}"
+    worker = start_worker(
+        "gevent", FORWARDER_MODEL_URL=f"{closed}/predict", FORWARDER_READY_TIMEOUT="0", FORWARDER_RETRY_MAX="2",
+    )
+    result = send(producer, {"args": {"id": 1}}, task_name, queue=queue)
+    with pytest.raises(Exception) as caught:
+        result.get(timeout=60)
+    assert "unreachable" in str(caught.value)
+    assert worker.output.count(f"{task_name}[{result.id}] retry") == 2
+
+
+def test_ddtrace_run_gevent_worker_serves_a_task(start_worker, producer, model, queue):
+    worker = start_worker("gevent", ddtrace=True, timeout=90)
+    assert send(producer, {"args": {"id": 1}}, queue=queue).get(timeout=30)["status_code"] == 200
+    assert "Traceback" not in worker.output
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_sigterm_lets_the_running_task_finish_and_store_its_result(pool, start_worker, producer, model, queue):
+    worker = start_worker(pool)
+    model.behaviour.delay = 2.0
+    result = send(producer, {"args": {"id": 1}}, queue=queue)
+    wait_for(lambda: model.behaviour.in_flight == 1, 20, "the task to reach the model")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    assert result.get(timeout=5)["status_code"] == 200
+    assert "Warm shutdown" in worker.output
+
+
+def test_prefork_children_are_recycled_after_max_tasks(start_worker, producer, model, queue):
+    worker = start_worker("prefork", CELERY_WORKER_CONCURRENCY="1", CELERY_WORKER_MAX_TASKS_PER_CHILD="2")
+    seen: set[int] = set()
+    for i in range(6):
+        seen.update(child.pid for child in worker.children())
+        assert send(producer, {"args": {"id": i}}, queue=queue).get(timeout=30)["status_code"] == 200
+    wait_for(lambda: seen.update(c.pid for c in worker.children()) or len(seen) >= 3, 20, "a third child")
+    assert len(seen) >= 3  # 6 tasks, 2 per child: at least 3 children in turn
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_a_replica_reserves_little_more_than_it_runs_and_replicas_share_the_queue(
+    pool, start_worker, producer, model, queue
+):
+    model.behaviour.delay = 0.4
+    first = start_worker(pool, CELERY_WORKER_CONCURRENCY="2")
+    results = [send(producer, {"args": {"id": i}}, queue=queue) for i in range(16)]
+    wait_for(lambda: model.behaviour.in_flight == 2, 20, "both slots of the first replica busy")
+    time.sleep(0.3)
+    # Reserved = running + at most one held by the consumer; the rest stays in the queue.
+    assert first.output.count("received") <= 3
+    second = start_worker(pool, CELERY_WORKER_CONCURRENCY="2")
+    for result in results:
+        assert result.get(timeout=60)["status_code"] == 200
+    done_first, done_second = first.output.count("succeeded in"), second.output.count("succeeded in")
+    assert done_first + done_second == 16
+    assert done_second >= 4, (done_first, done_second)
+    assert model.behaviour.peak_in_flight == 4  # no slot of either replica idled while work waited
