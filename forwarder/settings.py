@@ -154,7 +154,7 @@ VARS: tuple[Var, ...] = (
     Var("CELERY_WORKER_PREFETCH_MULTIPLIER", "", _optional_positive_int, "Unacknowledged messages per slot. Unset: 1 for prefork; 2 for gevent, whose consumer then holds at most one message beyond its running tasks and never sleeps while a slot is free.", "prefetch_multiplier"),
     Var("CELERY_WORKER_MAX_TASKS_PER_CHILD", "", _optional_positive_int, "prefork: replace a child after this many tasks (unset: never). Ignored with a warning under gevent.", "max_tasks_per_child"),
     Var("CELERY_WORKER_MAX_MEMORY_PER_CHILD", "", _optional_positive_int, "prefork: replace a child whose resident memory exceeds this many KiB after a task (unset: never). Ignored with a warning under gevent.", "max_memory_per_child"),
-    Var("CELERY_BROKER_VISIBILITY_TIMEOUT", "86400", _positive_float, "Seconds before an unacknowledged message (its worker died) is delivered again (Redis broker; SQS uses the queue's own VisibilityTimeout).", "visibility_timeout"),
+    Var("CELERY_BROKER_VISIBILITY_TIMEOUT", "3600", _positive_float, "Seconds before an unacknowledged message (its worker died) is delivered again (Redis broker; SQS uses the queue's own VisibilityTimeout). Must exceed the longest task, or a running task is delivered twice.", "visibility_timeout"),
     Var("CELERY_SQS_QUEUE_URL", "", _optional_url("http", "https"), "SQS broker: the queue's URL, predefined so no ListQueues/CreateQueue is needed.", "sqs_queue_url"),
     Var("CELERY_SQS_WAIT_TIME_SECONDS", "0", _non_negative_float, "SQS broker: ReceiveMessage long-poll seconds. 0 (short polling) avoids a message held by the poll of a worker that is exiting.", "sqs_wait_time_seconds"),
     Var("CELERY_SQS_POLLING_INTERVAL", "1", _non_negative_float, "SQS broker: seconds between polls of an empty queue.", "sqs_polling_interval"),
@@ -321,6 +321,11 @@ def _check_combinations(values: dict[str, Any]) -> None:
 
 def _warnings(values: dict[str, Any]) -> tuple[str, ...]:
     found = []
+    if not values["broker_url"].startswith("sqs://") and values["visibility_timeout"] <= values["model_read_timeout"]:
+        found.append(
+            "CELERY_BROKER_VISIBILITY_TIMEOUT does not exceed FORWARDER_MODEL_READ_TIMEOUT: a task still "
+            "running when the visibility timeout passes is delivered again"
+        )
     if values["pool"] == "gevent":
         for attr, name in (
             ("max_tasks_per_child", "CELERY_WORKER_MAX_TASKS_PER_CHILD"),
