@@ -5,4 +5,5 @@ module sees them.
 """
 
 from tests.support.aws import *  # noqa: F403
+from tests.support.callback import *  # noqa: F403
 from tests.support.servers import *  # noqa: F403
