@@ -6,7 +6,8 @@ Requests arrive as llm-engine's ``EndpointPredictV1Request`` dict (``args``, ``u
 - ``wrapped`` (``service--forwarder.yaml``): POST ``request["args"]`` (or the whole request when it has
   no ``args``); store ``{"result": "<model JSON as a string>", "status_code": <int>}``. A request may
   set ``serialize_results_as_string`` (top level, else inside ``args``) to store the JSON unencoded.
-- ``raw`` (the "converted-from-artifact" config): POST the request as-is; store the model's JSON.
+- ``raw`` (the "converted-from-artifact" config): POST the request as-is (less ``callback_auth``);
+  store the model's JSON.
 
 A non-2xx answer is not a failure: its status code travels in the stored result.
 """
@@ -21,6 +22,7 @@ from typing import Any
 from forwarder.errors import MalformedRequest
 
 SERIALIZE_KEY = "serialize_results_as_string"
+CALLBACK_AUTH_KEY = "callback_auth"
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,9 @@ def plan_request(request: Any, result_format: str) -> Plan:
     if not isinstance(request, dict):
         raise MalformedRequest(f"the request (first task argument) must be a JSON object, got {_kind(request)}")
     if result_format == "raw":
-        return Plan(body=request, serialize_as_string=False, result_format=result_format)
+        # The model never needs the caller's callback credentials (llm-engine forwarded them).
+        body = {key: value for key, value in request.items() if key != CALLBACK_AUTH_KEY}
+        return Plan(body=body, serialize_as_string=False, result_format=result_format)
     body = request.get("args", request)
     if not isinstance(body, (dict, list)):
         raise MalformedRequest(f"request 'args' must be a JSON object or array, got {_kind(body)}")

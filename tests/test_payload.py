@@ -65,3 +65,8 @@ def test_error_payload_shape():
     assert payload["error"] == "boom"
     assert payload["error_metadata"].startswith("Internal failure\nTraceback")
     assert "ValueError: boom" in payload["error_metadata"]
+
+
+def test_raw_never_forwards_callback_credentials():
+    request = {"args": {"x": 1}, "callback_auth": {"kind": "basic", "username": "u", "password": "p"}}
+    assert plan_request(request, "raw").body == {"args": {"x": 1}}
