@@ -14,6 +14,8 @@ Rules kept here:
   next try waits for an exponential backoff instead of hammering the credential service on every call.
 - While one caller rebuilds an expiring-but-valid client, others keep using the old one (no waiting
   behind network I/O).
+- The rebuild starts ``leeway`` before the expiry, but never later than half-way through the client's
+  lifetime, so a leeway as long as the credentials' lifetime cannot turn into one build per call.
 - Fork safety: after ``os.fork`` the child forgets every cached client (the parent's sockets and
   credentials are never used by a child) and gets fresh locks.
 """
@@ -49,6 +51,7 @@ def utcnow() -> datetime:
 class _Installed(Generic[T]):
     client: T
     expiry: datetime | None  # None: never expires
+    refresh_at: datetime | None  # when to start rebuilding; None: never
 
 
 class CachedClient(Generic[T]):
@@ -146,7 +149,7 @@ class CachedClient(Generic[T]):
                 )
                 return installed.client  # type: ignore[union-attr]
             raise
-        self._installed = _Installed(client, expiry)
+        self._installed = _Installed(client, expiry, self._refresh_time(expiry))
         self._failures, self._retry_at, self._last_error = 0, None, None
         self.builds += 1
         # The old client is not closed here: other greenlets may still be mid-call on it; the GC
@@ -161,8 +164,18 @@ class CachedClient(Generic[T]):
         self._last_error = exc
         exc.__traceback__ = None  # keep no frames alive in the cache
 
+    def _refresh_time(self, expiry: datetime | None) -> datetime | None:
+        # Rebuild ``leeway`` before the expiry, but never later than half-way through the client's
+        # lifetime: with a leeway as long as the credentials' lifetime (FIREHOSE_REFRESH_LEEWAY >=
+        # FIREHOSE_SESSION_DURATION), ``expiry - leeway`` would already be past at build time and
+        # every call would rebuild, which is the per-task-client incident all over again.
+        if expiry is None:
+            return None
+        lifetime = expiry - self._clock()
+        return expiry - min(self._leeway, max(lifetime, timedelta(0)) / 2)
+
     def _fresh(self, installed: _Installed[T]) -> bool:
-        return installed.expiry is None or self._clock() < installed.expiry - self._leeway
+        return installed.refresh_at is None or self._clock() < installed.refresh_at
 
     def _valid(self, installed: _Installed[T]) -> bool:
         return installed.expiry is None or self._clock() < installed.expiry

@@ -1,0 +1,167 @@
+"""Put records on a Kinesis Data Firehose stream with ONE client per process, rebuilt before its credentials expire.
+
+Incident (do not revert): llm-engine's forwarder built an STS session, assumed the role and built a new
+Firehose client for every task; long-lived prefork children grew until the pod was OOM-killed. Here
+``build_firehose_client`` is pure and runs only through ``CachedClient``: once per process and
+credential lifetime (about every 50 minutes with 1 h sessions and the 10 minute leeway), with
+double-checked locking, keep-the-old-client on a failed refresh, backoff, and a fresh build after fork.
+
+Records are ``json.dumps(record) + "\\n"``: Firehose concatenates records into S3 objects, and the newline
+lets readers (Snowflake, Athena) split them again. A record over Firehose's 1,000 KiB limit is refused
+here with ``FirehoseRecordTooLarge`` before any network call; callers that can shrink their records
+(the logging hook) do so first, using ``encode_record`` and ``MAX_RECORD_BYTES``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from gateways.aws import MAX_POOL_CONNECTIONS, StaticCredentials, make_client, new_session
+from gateways.cached_client import CachedClient, ClientUnavailable, Clock, utcnow
+
+if TYPE_CHECKING:
+    from forwarder.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+#: Firehose's limit for one record's data (before base64), in bytes: 1,000 KiB.
+MAX_RECORD_BYTES = 1000 * 1024
+#: The STS session name, visible in CloudTrail as the role session of every put.
+ROLE_SESSION_NAME = "celery-forwarder-logging"
+#: Default assume-role session length: an hour, so botocore-style 15-minute refreshes never trigger.
+SESSION_DURATION = 3600
+#: Default: rebuild the client this long before its credentials expire.
+REFRESH_LEEWAY = timedelta(seconds=600)
+
+
+class FirehosePutError(RuntimeError):
+    """A record was not put: Firehose or the network refused it (non-200, botocore error)."""
+
+
+class FirehoseUnavailable(FirehosePutError):
+    """No Firehose client: building it failed (STS, credentials, region) or is backing off after a failure."""
+
+
+class FirehoseRecordTooLarge(FirehosePutError):
+    """The encoded record exceeds Firehose's per-record limit; nothing was sent."""
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+    """The bytes put for ``record``: JSON, newline-terminated (one record per line in S3)."""
+    return (json.dumps(record, default=str) + "\n").encode("utf-8")
+
+
+def build_firehose_client(
+    role_arn: str, session_duration: int = SESSION_DURATION, max_pool_connections: int = MAX_POOL_CONNECTIONS
+) -> tuple[Any, datetime | None]:
+    """Build a Firehose client and return it with its credentials' expiry; pure (no shared state).
+
+    With ``role_arn``: one ``sts.assume_role`` call, and a client using those temporary credentials;
+    the expiry is the aware ``Credentials.Expiration``. Without: the default credential chain (which
+    refreshes itself), and no expiry.
+
+    Raises:
+        botocore.exceptions.BotoCoreError, ClientError: STS or client construction failed.
+    """
+    session = new_session()
+    if not role_arn:
+        return make_client("firehose", session=session, max_pool_connections=max_pool_connections), None
+    sts = make_client("sts", session=session, max_pool_connections=1)
+    try:
+        answer = sts.assume_role(
+            RoleArn=role_arn, RoleSessionName=ROLE_SESSION_NAME, DurationSeconds=session_duration
+        )
+    finally:
+        sts.close()
+    creds = answer["Credentials"]
+    credentials = StaticCredentials(creds["AccessKeyId"], creds["SecretAccessKey"], creds["SessionToken"])
+    client = make_client(
+        "firehose", session=session, credentials=credentials, max_pool_connections=max_pool_connections
+    )
+    return client, creds["Expiration"]
+
+
+class FirehoseGateway:
+    """``put_record`` on one delivery stream through a per-process cached client.
+
+    Construction does no I/O: the client is built on the first put of each process.
+    """
+
+    def __init__(
+        self,
+        stream_name: str,
+        *,
+        role_arn: str = "",
+        session_duration: int = SESSION_DURATION,
+        leeway: timedelta = REFRESH_LEEWAY,
+        max_pool_connections: int = MAX_POOL_CONNECTIONS,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.stream_name = stream_name
+        self.role_arn = role_arn
+        #: The process's Firehose client; ``client_cache.builds`` counts builds in this process.
+        self.client_cache: CachedClient[Any] = CachedClient(
+            "firehose",
+            lambda: build_firehose_client(role_arn, session_duration, max_pool_connections),
+            leeway=leeway,
+            clock=clock,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FirehoseGateway:
+        """The gateway for FIREHOSE_STREAM_NAME and its role, session, leeway and pool settings."""
+        return cls(
+            settings.firehose_stream_name,
+            role_arn=settings.firehose_role_arn,
+            session_duration=settings.firehose_session_duration,
+            leeway=timedelta(seconds=settings.firehose_refresh_leeway),
+            max_pool_connections=settings.firehose_pool_size,
+        )
+
+    def put_record(self, record: dict[str, Any]) -> None:
+        """Put one record (JSON, newline-terminated) on the stream.
+
+        Raises:
+            FirehoseRecordTooLarge: the encoded record is over ``MAX_RECORD_BYTES`` (nothing sent).
+            FirehoseUnavailable: no client could be built (or a failed build is backing off).
+            FirehosePutError: Firehose answered non-200, or the call failed (after botocore's retries).
+        """
+        data = encode_record(record)
+        if len(data) > MAX_RECORD_BYTES:
+            raise FirehoseRecordTooLarge(
+                f"record of {len(data)} bytes exceeds Firehose's {MAX_RECORD_BYTES}-byte limit; not sent"
+            )
+        client = self._client()
+        try:
+            answer = client.put_record(DeliveryStreamName=self.stream_name, Record={"Data": data})
+        except (ClientError, BotoCoreError) as exc:
+            raise FirehosePutError(f"put_record to {self.stream_name} failed: {_describe(exc)}") from exc
+        status = answer.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status != 200:
+            raise FirehosePutError(f"put_record to {self.stream_name} answered HTTP {status}")
+        logger.debug("firehose record %s put on %s", answer.get("RecordId"), self.stream_name)
+
+    def close(self) -> None:
+        """Close this process's client (the next put builds a new one)."""
+        self.client_cache.close()
+
+    def _client(self) -> Any:
+        try:
+            return self.client_cache.get()
+        except ClientUnavailable as exc:
+            raise FirehoseUnavailable(str(exc)) from None
+        except Exception as exc:
+            raise FirehoseUnavailable(f"cannot build the Firehose client: {_describe(exc)}") from exc
+
+
+def _describe(exc: BaseException) -> str:
+    """One line naming the error, with AWS's code and message when there is one."""
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        return f"{error.get('Code', 'ClientError')}: {error.get('Message', '')}".strip()
+    return f"{type(exc).__name__}: {exc}"
