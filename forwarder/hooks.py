@@ -46,9 +46,13 @@ class HookRunner:
             try:
                 hook(request_map, body, task_id)
             except Exception as exc:
-                self.counts[f"{hook.name}.failure"] += 1
+                failures = self.counts[f"{hook.name}.failure"] = self.counts[f"{hook.name}.failure"] + 1
                 # No traceback kept or logged: the message names the cause, and frames stay unpinned.
-                logger.warning("hook %s failed for task %s: %s: %s", hook.name, task_id, type(exc).__name__, exc)
+                logger.warning(
+                    "hook %s failed for task %s: %s: %s (failures in this process: %d of %d)",
+                    hook.name, task_id, type(exc).__name__, exc, failures, self.counts[f"{hook.name}.attempt"],
+                )
+                del exc
             else:
                 self.counts[f"{hook.name}.success"] += 1
 
