@@ -52,7 +52,6 @@ class HookRunner:
                     "hook %s failed for task %s: %s: %s (failures in this process: %d of %d)",
                     hook.name, task_id, type(exc).__name__, exc, failures, self.counts[f"{hook.name}.attempt"],
                 )
-                del exc
             else:
                 self.counts[f"{hook.name}.success"] += 1
 
