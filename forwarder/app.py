@@ -14,20 +14,25 @@ from forwarder.settings import Settings
 
 #: Seconds to open a connection to Redis (broker and results) before failing over to a retry.
 REDIS_CONNECT_TIMEOUT = 5.0
+#: Seconds a Redis read may block; above the broker's 1 s BRPOP so polling never trips it.
+REDIS_SOCKET_TIMEOUT = 30.0
 #: AWS SQS endpoints: sqs.<region>.amazonaws.com[.cn], VPC endpoints ...sqs.<region>.vpce.amazonaws.com,
 #: and the legacy <region>.queue.amazonaws.com.
 _SQS_HOST = re.compile(
     r"(?:^|\.)sqs\.(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)\.(?:vpce\.)?amazonaws\.com(?:\.cn)?$"
     r"|^(?P<legacy>[a-z]{2}(?:-[a-z]+)+-\d+)\.queue\.amazonaws\.com(?:\.cn)?$"
 )
-#: Seconds a Redis read may block; above the broker's 1 s BRPOP so polling never trips it.
-REDIS_SOCKET_TIMEOUT = 30.0
 
 
 def build_app(settings: Settings) -> Celery:
     """A Celery app configured for forwarding, with both task names registered."""
     app = Celery("forwarder", set_as_current=True)
     app.conf.update(celery_config(settings))
+    backend = result_backend_class(settings)
+    if backend is not None:
+        # Not through result_backend: Celery lets os.environ["CELERY_RESULT_BACKEND"] (the variable this
+        # worker is configured by) win over the app's configuration. backend_cls wins over both.
+        app.backend_cls = backend
     register_tasks(app, settings)
     return app
 
@@ -61,12 +66,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # once queues are predefined; events would need their own queues too.
         config["worker_enable_remote_control"] = False
         config["worker_send_task_events"] = False
-    if settings.result_backend.startswith("s3://"):
-        from gateways.s3_backend import backend_url
+        from gateways.sqs_transport import TRANSPORT_PATH
 
-        # Celery's S3 backend, but with one S3 client per process, built lazily in that process (a
-        # prefork child never uses the parent's). The endpoint comes from boto3's own AWS_ENDPOINT_URL.
-        config["result_backend"] = backend_url(settings.result_backend)
+        # kombu's SQS transport, but prefork resumes polling as soon as a slot frees (see the module).
+        config["broker_transport"] = TRANSPORT_PATH
+    if settings.result_backend.startswith("s3://"):
+        # Read by gateways.s3_backend (see result_backend_class); the endpoint is boto3's own
+        # AWS_ENDPOINT_URL, the credentials boto3's default chain.
         config["s3_max_pool_connections"] = settings.concurrency
         if settings.aws_region:
             config["s3_region"] = settings.aws_region
@@ -80,25 +86,48 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
+def result_backend_class(settings: Settings) -> str | None:
+    """The backend Celery must use instead of the one its URL names, or None for the URL's own.
+
+    s3://bucket/prefix: Celery's S3 backend, but with one S3 client per process, built lazily in that
+    process (a prefork child never uses the parent's), as ``<class path>+s3://bucket/prefix``, which
+    Celery splits into the class to import and the URL to give it; only this app is affected.
+    """
+    if settings.result_backend.startswith("s3://"):
+        from gateways.s3_backend import backend_url
+
+        return backend_url(settings.result_backend)
+    return None
+
+
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
     """Transport options for Redis or SQS."""
     if settings.broker_is_sqs:
-        # Predefined: kombu neither lists nor creates queues, and refuses any queue not named here (so
-        # CELERY_QUEUE must be the key producers use too). The endpoint comes from boto3's own
-        # AWS_ENDPOINT_URL; the region from AWS_REGION if set, else boto3's chain (AWS_DEFAULT_REGION),
-        # and an AWS queue URL's own region wins for its queue.
+        # Predefined: kombu neither lists nor creates queues, and refuses any queue not named here. The
+        # worker consumes CELERY_QUEUE's entry (llm-engine: the queue's own name). The endpoint is
+        # boto3's own AWS_ENDPOINT_URL; the region AWS_REGION if set, else boto3's chain
+        # (AWS_DEFAULT_REGION), and an AWS queue URL's own region wins for its queue.
         queue: dict[str, Any] = {"url": settings.sqs_queue_url}
         queue_region = sqs_queue_region(settings.sqs_queue_url)
         if queue_region:
             queue["region"] = queue_region
+        predefined = {settings.queue: queue}
+        url_name = sqs_queue_name(settings.sqs_queue_url)
+        if url_name and url_name != settings.queue:
+            # Acks and retries look the queue up by the name the producer routed to (llm-engine: the
+            # SQS queue's own name). Were only CELERY_QUEUE defined, and another name, every ack would
+            # raise UndefinedQueueException and the message come back after its visibility timeout,
+            # again and again.
+            predefined[url_name] = queue
         options: dict[str, Any] = {
-            "predefined_queues": {settings.queue: queue},
-            # Short polling by default (0; as llm-engine): a long poll still open when a worker exits
+            "predefined_queues": predefined,
+            # Short polling by default (0, as llm-engine): a long poll still open when a worker exits
             # (warm shutdown, rolling restart) can be handed the next message, which then stays
-            # invisible until the queue's VisibilityTimeout (hours in production). SQS takes whole
-            # seconds (boto3 rejects a float). An empty poll waits polling_interval (default 1 s) before
-            # the next; after a non-empty poll the next one is immediate. So pickup latency is at
-            # most ~1 s, for ~1 ReceiveMessage per second per worker process while idle.
+            # invisible until the queue's VisibilityTimeout (hours in production). Whole seconds: boto3
+            # rejects a float, even 0.0. An empty poll waits polling_interval (default 1 s) before the
+            # next, a non-empty one is followed at once: an idle worker picks a task up within about a
+            # second (median ~0.5 s measured) for about one ReceiveMessage a second (one poller per
+            # worker: the main process under prefork).
             "wait_time_seconds": int(settings.sqs_wait_time_seconds),
             "polling_interval": settings.sqs_polling_interval,
             # Unused with predefined queues (the queue's own VisibilityTimeout applies).
@@ -113,6 +142,11 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
         "socket_timeout": REDIS_SOCKET_TIMEOUT,
         "socket_keepalive": True,
     }
+
+
+def sqs_queue_name(url: str) -> str:
+    """The queue's name: the last path segment of its URL."""
+    return urlsplit(url).path.rstrip("/").rpartition("/")[2]
 
 
 def sqs_queue_region(url: str) -> str | None:
