@@ -131,14 +131,19 @@ class ModelBehaviour:
         self.__init__()  # type: ignore[misc]
 
 
-class _ModelHandler(BaseHTTPRequestHandler):
+class QuietHandler(BaseHTTPRequestHandler):
+    """Base of the local test servers' handlers: keep-alive HTTP/1.1, no Nagle stalls, no access log."""
+
     protocol_version = "HTTP/1.1"
     # Without this, HTTP/1.1 keep-alive answers stall ~40 ms each (Nagle + delayed ACK).
     disable_nagle_algorithm = True
-    behaviour: ModelBehaviour
 
     def log_message(self, *args: Any) -> None:  # quiet
         pass
+
+
+class _ModelHandler(QuietHandler):
+    behaviour: ModelBehaviour
 
     def do_GET(self) -> None:
         if self.path.startswith("/readyz"):

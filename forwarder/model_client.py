@@ -36,10 +36,11 @@ def build_session(pool_size: int) -> requests.Session:
 
     Connect failures are retried twice at once (a restarting server, a dropped pooled socket); longer
     outages are left to the task's own retry with backoff. Reads are never retried: the model may
-    already be working on the request.
+    already be working on the request. ``read=False`` (not 0) re-raises a read timeout as itself; with
+    0 urllib3 wraps it in MaxRetryError, which requests reports as a ConnectionError (then retried).
     """
     session = requests.Session()
-    retry = Retry(total=2, connect=2, read=0, status=0, other=0, backoff_factor=0.1, allowed_methods=None)
+    retry = Retry(total=2, connect=2, read=False, status=0, other=0, backoff_factor=0.1, allowed_methods=None)
     adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=retry, pool_block=False)
     session.mount("http://", adapter)
     session.mount("https://", adapter)

@@ -14,9 +14,12 @@ import logging
 from typing import Any
 
 from celery import Task, states
+from celery.exceptions import InvalidTaskError, Reject
+from celery.worker import state as worker_state
+from celery.worker.request import Request
 
 from forwarder import deps
-from forwarder.errors import ForwarderError
+from forwarder.errors import ForwarderError, MalformedRequest
 from forwarder.payload import error_payload, format_trace, plan_request, shape_result
 
 logger = logging.getLogger(__name__)
@@ -26,26 +29,60 @@ TASK_NAME = "ml_serve.celery_service.exec_func"
 #: llm-engine's pre-LIRA task name, still sent for legacy bundles.
 LEGACY_TASK_NAME = "hosted_model_inference.inference.async_inference.tasks.predict"
 TASK_NAMES = (TASK_NAME, LEGACY_TASK_NAME)
+#: Default of the request argument, so a task sent without arguments fails as a MalformedRequest.
+_NO_REQUEST: Any = object()
 
 
-def exec_func(payload: Any, arrival_timestamp: Any = None, *ignored_args: Any, **kwargs: Any) -> Any:
+def exec_func(payload: Any = _NO_REQUEST, arrival_timestamp: Any = None, *ignored_args: Any, **kwargs: Any) -> Any:
     """Forward one request to the model and return the result to store.
 
     ``arrival_timestamp`` and further positional args (``return_pickled``) are accepted and unused;
     tracing kwargs are ignored (ddtrace propagates context through Celery's headers itself).
     """
+    if payload is _NO_REQUEST:
+        raise MalformedRequest("the task has no arguments: expected [request, arrival_timestamp, return_pickled]")
     current = deps.current()
     plan = plan_request(payload, current.settings.result_format)
     answer = current.model.predict(plan.body)
     return shape_result(answer.body, answer.status_code, plan)
 
 
+class CheckedRequest(Request):
+    """Celery's Request, refusing a message whose body is not ``[args (array), kwargs (object), embed]``.
+
+    Celery unpacks the body outside its own error handling: a body like ``"text"`` or ``[1, 2]`` raised
+    ValueError out of the consumer, the worker exited ("Unrecoverable error"), the message went back
+    to the queue, and every replica that took it crashed in turn. As InvalidTaskError it is logged and
+    dropped like any other invalid message.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().__init__(*args, **kwargs)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise InvalidTaskError(f"malformed task message: {type(exc).__name__}: {exc}") from None
+        if not isinstance(self._args, (list, tuple)) or not isinstance(self._kwargs, dict):
+            raise InvalidTaskError("malformed task message: body is not [args (array), kwargs (object), embed]")
+
+
 class ForwardTask(Task):
     """Base of both task names: llm-engine's failure meta, then hooks, after the result is stored."""
+
+    Request = CheckedRequest
 
     # Expected failures (model down, malformed request) are reported in the stored result and one
     # log line; Celery logs exceptions listed here without a traceback.
     throws = (ForwarderError,)
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        """Hand a task back to the queue, unrun, if this worker is already shutting down.
+
+        Under gevent, Celery's synchronous consumer keeps starting tasks it reserved (and even takes new
+        ones) while a warm shutdown waits for the running ones; each would hold the pod up to a whole
+        task longer and be cut by the kill at the end of the grace period. prefork starts none.
+        """
+        if worker_state.should_stop is not None or worker_state.should_terminate is not None:
+            raise Reject("worker shutting down: handed back to the queue unrun", requeue=True)
 
     def after_return(
         self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any

@@ -9,7 +9,7 @@ from typing import Any
 
 from celery import signals
 
-from forwarder import deps
+from forwarder import deps, log_redaction, redelivery
 from forwarder.app import build_app
 from forwarder.settings import Settings
 from gateways.cached_client import close_all
@@ -18,6 +18,10 @@ logger = logging.getLogger("forwarder")
 
 #: The line tests and operators wait for: logged once the worker consumes.
 READY_LINE = "forwarder ready"
+#: Kept at INFO or above even with CELERY_LOG_LEVEL=DEBUG: their DEBUG lines carry credentials (botocore:
+#: STS answers with the assumed role's secret key and session token, signed headers; urllib3: callback
+#: URLs with their query; celery.pool: every task's args, callback_auth passwords included).
+CREDENTIAL_LOGGERS = ("botocore", "boto3", "urllib3", "celery.pool")
 
 
 def worker_options(settings: Settings) -> dict[str, Any]:
@@ -49,6 +53,8 @@ def run_worker(settings: Settings) -> int:
     logging.basicConfig(
         level=settings.log_level, stream=sys.stderr, format="[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
     )
+    for name in CREDENTIAL_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
     for warning in settings.warnings:
         logger.warning(warning)
     current = deps.build_deps(settings)
@@ -57,7 +63,10 @@ def run_worker(settings: Settings) -> int:
         current.model.close()  # children build their own sessions; keep no parent sockets around
     deps.install(current)
     connect_signals(settings)
+    log_redaction.install()  # Celery would log a refused message's arguments (callback passwords)
     app = build_app(settings)
+    if not settings.broker_is_sqs:
+        redelivery.install(app)  # kombu alone never restores a dead worker's messages under gevent
     worker = app.Worker(**worker_options(settings))
     worker.start()
     return int(worker.exitcode or 0)

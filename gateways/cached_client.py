@@ -141,7 +141,9 @@ class CachedClient(Generic[T]):
         try:
             client, expiry = self._build()
         except Exception as exc:
-            self._note_failure(now, exc)
+            # The backoff runs from the failure: a build slower than the backoff (STS timing out) must not
+            # leave it already elapsed, which would make every caller try again at once.
+            self._note_failure(self._clock(), exc)
             if usable:
                 logger.warning(
                     "%s: refresh failed (%s); keeping the current client, valid until %s",

@@ -6,4 +6,5 @@ module sees them.
 
 from tests.support.aws import *  # noqa: F403
 from tests.support.callback import *  # noqa: F403
+from tests.support.faulty_proxy import *  # noqa: F403
 from tests.support.servers import *  # noqa: F403

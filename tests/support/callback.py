@@ -9,10 +9,12 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 import pytest
+
+from forwarder.devservers import QuietHandler
 
 __all__ = ["callback_receiver"]
 
@@ -40,14 +42,8 @@ class Received:
         return user, password
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Without this, HTTP/1.1 keep-alive answers stall ~40 ms each (Nagle + delayed ACK).
-    disable_nagle_algorithm = True
+class _Handler(QuietHandler):
     receiver: CallbackReceiver
-
-    def log_message(self, *args: Any) -> None:  # quiet
-        pass
 
     def do_POST(self) -> None:
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
