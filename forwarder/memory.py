@@ -29,8 +29,7 @@ Signal choice: Celery already owns ``SIGUSR1`` (it logs every thread's stack) an
 default in prefork children; ``SIGUSR2`` is free unless ``CELERY_RDBSIG`` is set (then Celery's remote
 debugger takes it in the main process). Send it to the process to inspect: to a prefork child, that
 child dumps; to the main process, the main process dumps. Without ``FORWARDER_MEMORY_DEBUG`` no handler
-is installed, and SIGUSR2's default action terminates the process: never send it to a worker
-without the flag.
+is installed: the worker ignores SIGUSR2 (its default action would terminate the process).
 
 How it runs:
 - The signal handler only records that a dump was asked for and wakes the dumper (a byte written to a
@@ -43,7 +42,9 @@ How it runs:
 - gevent: a greenlet waits on a gevent event (woken by ``gevent.signal_handler``), and runs the CPU-heavy
   part (snapshot, statistics) in gevent's native thread pool so the hub keeps switching greenlets
   (interleaving on the GIL) instead of stalling for the whole dump; the record is logged from the
-  greenlet.
+  greenlet. Measured with 260,000 live traces: a 1.4 s dump stalled the hub 1.4 s when run in a greenlet,
+  at most 0.26 s (the C-level snapshot copy, which holds the GIL) from the thread pool. A worker traces
+  ~15,000 blocks (imports happen before tracing starts): dumps take ~0.1-0.3 s there.
 
 Cost while enabled: tracemalloc slows allocation-heavy code (often 1.5-2x) and adds roughly a third to
 the memory of traced blocks; a snapshot briefly copies every trace. It is a diagnostic switch, not a
@@ -306,17 +307,18 @@ def _collect(state: _State) -> dict[str, Any]:
     rss, rss_anon, rss_file = _rss_bytes()
     current, peak = tracemalloc.get_traced_memory()
     overhead = tracemalloc.get_tracemalloc_memory()
-    snapshot = tracemalloc.take_snapshot().filter_traces(
-        (
-            tracemalloc.Filter(False, tracemalloc.__file__),
-            tracemalloc.Filter(False, __file__),
-            tracemalloc.Filter(False, "<unknown>"),
-        )
-    )
+    # Group first, then drop tracemalloc's own (and this module's) sites: Snapshot.filter_traces runs
+    # fnmatch per trace in Python (~50 us each, seconds for a large heap); grouping is ~5 us per trace.
+    skip = {tracemalloc.__file__, __file__, "<unknown>"}
+    snapshot = tracemalloc.take_snapshot()
     sites = []
-    for stat in snapshot.statistics("lineno")[: state.top]:
+    for stat in snapshot.statistics("lineno"):
         frame = stat.traceback[0]
+        if frame.filename in skip:
+            continue
         sites.append((stat.size, stat.count, f"{frame.filename}:{frame.lineno}"))
+        if len(sites) == state.top:
+            break
     del snapshot
     return {
         "rss": rss, "rss_anon": rss_anon, "rss_file": rss_file, "tracked": current, "peak": peak,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from typing import Any
 
@@ -105,3 +106,7 @@ def _start_memory_debug(settings: Settings) -> None:
         from forwarder.memory import start_memory_debug
 
         start_memory_debug(settings)
+    elif "CELERY_RDBSIG" not in os.environ:  # (then Celery's remote debugger owns SIGUSR2)
+        # The dump signal's default action kills the process: an operator asking a worker without the
+        # flag for a dump must not lose it (and its in-flight tasks) by it.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
