@@ -6,8 +6,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    # glibc makes up to 8 malloc arenas per core for threaded processes; two bound the fragmentation
-    # that otherwise reads as slow RSS growth (see bench/README.md for the measurement).
+    # A precaution, not a measured fix: glibc makes up to 8 malloc arenas per core for threads that
+    # allocate concurrently (gevent's DNS pool, ddtrace's writer, the memory-debug thread); two bound
+    # that. bench/README.md measured no effect either way on the soak, nor a gain from jemalloc.
     MALLOC_ARENA_MAX=2
 
 # libcurl for pycurl (kombu's SQS transport under prefork); tini reaps children and forwards SIGTERM.
