@@ -128,7 +128,7 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
             # next, a non-empty one is followed at once: an idle worker picks a task up within about a
             # second (median ~0.5 s measured) for about one ReceiveMessage a second (one poller per
             # worker: the main process under prefork).
-            "wait_time_seconds": int(settings.sqs_wait_time_seconds),
+            "wait_time_seconds": settings.sqs_wait_time_seconds,
             "polling_interval": settings.sqs_polling_interval,
             # Unused with predefined queues (the queue's own VisibilityTimeout applies).
             "visibility_timeout": settings.visibility_timeout,

@@ -156,7 +156,7 @@ VARS: tuple[Var, ...] = (
     Var("CELERY_WORKER_MAX_MEMORY_PER_CHILD", "", _optional_positive_int, "prefork: replace a child whose resident memory exceeds this many KiB after a task (unset: never). Ignored with a warning under gevent.", "max_memory_per_child"),
     Var("CELERY_BROKER_VISIBILITY_TIMEOUT", "3600", _positive_float, "Seconds before an unacknowledged message (its worker died) is delivered again (Redis broker; SQS uses the queue's own VisibilityTimeout). Must exceed the longest task, or a running task is delivered twice.", "visibility_timeout"),
     Var("CELERY_SQS_QUEUE_URL", "", _optional_url("http", "https"), "SQS broker: the queue's URL, predefined so no ListQueues/CreateQueue is needed.", "sqs_queue_url"),
-    Var("CELERY_SQS_WAIT_TIME_SECONDS", "0", _non_negative_float, "SQS broker: ReceiveMessage long-poll seconds. 0 (short polling) avoids a message held by the poll of a worker that is exiting.", "sqs_wait_time_seconds"),
+    Var("CELERY_SQS_WAIT_TIME_SECONDS", "0", lambda raw: _bounded_int(raw, 0, 20), "SQS broker: ReceiveMessage long-poll seconds (0-20, SQS's own limit). 0 (short polling) avoids a message held by the poll of a worker that is exiting.", "sqs_wait_time_seconds"),
     Var("CELERY_SQS_POLLING_INTERVAL", "1", _non_negative_float, "SQS broker: seconds between polls of an empty queue.", "sqs_polling_interval"),
     Var("AWS_REGION", "", _text, "AWS region of the SQS broker and the S3 result bucket (unset: boto3's own chain, AWS_DEFAULT_REGION or the profile's region; boto3 itself ignores AWS_REGION). An AWS SQS queue URL's own region wins for the queue.", "aws_region"),
     Var("CELERY_LOG_LEVEL", "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "Log level of the worker.", "log_level"),
@@ -217,7 +217,7 @@ class Settings:
     max_memory_per_child: int | None
     visibility_timeout: float
     sqs_queue_url: str
-    sqs_wait_time_seconds: float
+    sqs_wait_time_seconds: int
     sqs_polling_interval: float
     log_level: str
     model_url: str
@@ -307,6 +307,8 @@ def _reason(exc: BaseException) -> str:
     text = str(exc)
     if isinstance(exc, json.JSONDecodeError):
         return f"is not valid JSON ({exc.msg})"
+    if text.startswith("invalid literal for int()"):
+        return "is not an integer"
     if text.startswith("invalid literal") or text.startswith("could not convert"):
         return "is not a number"
     return text

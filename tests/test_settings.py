@@ -55,6 +55,8 @@ def test_every_variable_is_documented_in_help():
         ("FORWARDER_LABELS", "[1, 2]"),
         ("FORWARDER_MEMORY_DEBUG", "maybe"),
         ("FIREHOSE_SESSION_DURATION", "60"),
+        ("CELERY_SQS_WAIT_TIME_SECONDS", "21"),
+        ("CELERY_SQS_WAIT_TIME_SECONDS", "1.5"),
     ],
 )
 def test_invalid_value_names_the_variable(name, value):
