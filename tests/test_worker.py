@@ -64,7 +64,12 @@ def test_malformed_request_fails_before_any_http_call_and_worker_keeps_serving(
         bad.get(timeout=30)
     assert "args" in str(caught.value) and "must be a JSON object" in str(caught.value)
     assert bad.status == "FAILURE"
-    meta = stored_meta(redis_server, bad.id)
+    # Celery stores its own failure meta first; after_return then rewrites it into llm-engine's shape.
+    def rewritten() -> dict | None:
+        meta = stored_meta(redis_server, bad.id)
+        return meta if "custom" in meta["result"] else None
+
+    meta = wait_for(rewritten, 10, "llm-engine's error meta")
     assert meta["result"]["exc_type"] == "MalformedRequest"
     custom = json.loads(meta["result"]["custom"])
     assert custom["error"] == str(caught.value)
@@ -140,6 +145,9 @@ def test_a_replica_reserves_little_more_than_it_runs_and_replicas_share_the_queu
     second = start_worker(pool, CELERY_WORKER_CONCURRENCY="2")
     for result in results:
         assert result.get(timeout=60)["status_code"] == 200
+    # A result is visible just before its worker logs the success line: wait for all 16 lines.
+    wait_for(lambda: first.output.count("succeeded in") + second.output.count("succeeded in") >= 16, 10,
+             "16 success lines")
     done_first, done_second = first.output.count("succeeded in"), second.output.count("succeeded in")
     assert done_first + done_second == 16
     assert done_second >= 4, (done_first, done_second)
