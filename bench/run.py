@@ -69,12 +69,13 @@ class Plan:
     soak_warmup: int = 2_000
     soak_sample_every: int = 200
     leaky_tasks: int = 4_000  # ~9 tasks/s: a client per put costs ~0.2 CPU s
+    leaky_retained_tasks: int = 400  # every session and client kept (~8 MB each): RSS grows by the GB
     soak_model_delay: float = 0.0
 
 
 QUICK = Plan(
     pool_concurrency=(4, 32), pool_seconds=3.0, overhead_tasks=250, overhead_reps=1, soak_tasks=800,
-    soak_warmup=200, soak_sample_every=50, leaky_tasks=200,
+    soak_warmup=200, soak_sample_every=50, leaky_tasks=200, leaky_retained_tasks=100,
 )
 
 
@@ -417,6 +418,9 @@ def soak_variants(plan: Plan) -> list[tuple[Variant, int]]:
         log(f"soak: {JEMALLOC} missing (apt-get install libjemalloc2): jemalloc variant skipped")
     variants.append((Variant("leaky prefork (client per put)", program="leaky", pool="prefork", concurrency=c,
                              hooks=hooks, env=role), plan.leaky_tasks))
+    variants.append((Variant("leaky prefork (client per put, kept by lru_cache)", program="leaky", pool="prefork",
+                             concurrency=c, hooks=hooks, env={**role, "LEAKY_RETAIN": "1"}),
+                     plan.leaky_retained_tasks))
     return variants
 
 
@@ -425,7 +429,9 @@ def run_soak(stack: Stack, plan: Plan) -> dict[str, Any]:
     rows = []
     for variant, tasks in soak_variants(plan):
         warmup = min(plan.soak_warmup, tasks // 3)
-        result = measure(stack, variant, tasks, url, rss_every=plan.soak_sample_every)
+        # At least ~20 samples per variant, so a short control still gets a slope.
+        every = min(plan.soak_sample_every, max(10, tasks // 20))
+        result = measure(stack, variant, tasks, url, rss_every=every)
         result["warmup_tasks"] = warmup
         result["slope_mb_per_1000"] = slope_per_1000(result["rss_samples"], warmup)
         samples = result["rss_samples"]
@@ -437,14 +443,15 @@ def run_soak(stack: Stack, plan: Plan) -> dict[str, Any]:
             f"after {warmup}, callbacks {result['callbacks']}, hook failures {result['hook_failures']}")
     by_label = {r["variant"]["label"]: r for r in rows}
     base = by_label.get("prefork")
-    leaky = next((r for r in rows if r["variant"]["program"] == "leaky"), None)
     ratios: dict[str, Any] = {}
-    if base and leaky and base["slope_mb_per_1000"] is not None and leaky["slope_mb_per_1000"] is not None:
-        ratios["leaky_minus_prefork_slope"] = leaky["slope_mb_per_1000"] - base["slope_mb_per_1000"]
-        # A ratio only means something when the real worker's slope is clearly above zero.
-        ratios["leaky_vs_prefork_slope"] = (
-            leaky["slope_mb_per_1000"] / base["slope_mb_per_1000"] if base["slope_mb_per_1000"] > 0.01 else None
-        )
+    for leaky in (r for r in rows if r["variant"]["program"] == "leaky"):
+        if base and base["slope_mb_per_1000"] is not None and leaky["slope_mb_per_1000"] is not None:
+            # A ratio only means something when the real worker's slope is clearly above zero.
+            ratios[leaky["variant"]["label"]] = {
+                "minus_prefork_slope": leaky["slope_mb_per_1000"] - base["slope_mb_per_1000"],
+                "vs_prefork_slope": (leaky["slope_mb_per_1000"] / base["slope_mb_per_1000"]
+                                     if base["slope_mb_per_1000"] > 0.01 else None),
+            }
     return {"model_delay_s": plan.soak_model_delay, "concurrency": plan.soak_concurrency, "rows": rows,
             "ratios": ratios, "target": "slope < 0.1 MB per 1,000 tasks after the first 2,000; leaky clearly larger"}
 
@@ -576,15 +583,14 @@ def summary(sections: dict[str, dict[str, Any]]) -> str:
                          f"{row['slope_mb_per_1000']:+.3f} | "
                          f"{row['warmup_tasks']} | {row['callbacks']} | {row['hook_failures']} |")
         base = next((r for r in data["rows"] if r["variant"]["label"] == "prefork"), None)
-        leaky = next((r for r in data["rows"] if r["variant"]["program"] == "leaky"), None)
-        if base and leaky:
+        for leaky in (r for r in data["rows"] if r["variant"]["program"] == "leaky" and base):
             positive = base["slope_mb_per_1000"] > 0.01 and leaky["slope_mb_per_1000"] > 0
             ratio = leaky["slope_mb_per_1000"] / base["slope_mb_per_1000"] if positive else None
             runners = base["variant"]["concurrency"] if base["variant"]["pool"] == "prefork" else 1
             per_process = (leaky["rss_warm_mb"] - base["rss_warm_mb"]) / runners
             lines += [
                 "",
-                f"negative control vs prefork: slope {leaky['slope_mb_per_1000']:+.3f} vs {base['slope_mb_per_1000']:+.3f} "
+                f"{leaky['variant']['label']} vs prefork: slope {leaky['slope_mb_per_1000']:+.3f} vs {base['slope_mb_per_1000']:+.3f} "
                 f"MB per 1,000 tasks" + (f" ({ratio:.1f}x)" if ratio else " (no meaningful ratio)")
                 + f"; RSS after warm-up {leaky['rss_warm_mb']:.0f} vs {base['rss_warm_mb']:.0f} MB "
                 f"({leaky['rss_warm_mb'] / base['rss_warm_mb']:.2f}x, {per_process:+.0f} MB per process running tasks); "
