@@ -530,8 +530,11 @@ def plot(section: str, data: dict[str, Any], path: Path) -> None:
             axes[0].plot([s[0] for s in samples], [s[1] for s in samples], label=label)
             base = next((s[1] for s in samples if s[0] >= row["warmup_tasks"]), samples[0][1])
             axes[1].plot([s[0] for s in samples], [s[1] - base for s in samples], label=row["variant"]["label"])
-        axes[0].set(title="worker RSS (sum over processes), both hooks on", xlabel="tasks done", ylabel="MB")
-        axes[1].set(title="RSS change since the end of warm-up", xlabel="tasks done", ylabel="MB")
+        # Log scales: the retained-client control grows by GB while the real pools move by tenths of a MB.
+        axes[0].set(title="worker RSS (sum over processes), both hooks on", xlabel="tasks done", ylabel="MB (log)",
+                    yscale="log")
+        axes[1].set(title="RSS change since the end of warm-up", xlabel="tasks done", ylabel="MB (symlog, linear within ±1)")
+        axes[1].set_yscale("symlog", linthresh=1.0)
         axes[0].legend(fontsize=7)
         axes[1].legend(fontsize=7)
     fig.tight_layout()
@@ -591,7 +594,8 @@ def summary(sections: dict[str, dict[str, Any]]) -> str:
             lines += [
                 "",
                 f"{leaky['variant']['label']} vs prefork: slope {leaky['slope_mb_per_1000']:+.3f} vs {base['slope_mb_per_1000']:+.3f} "
-                f"MB per 1,000 tasks" + (f" ({ratio:.1f}x)" if ratio else " (no meaningful ratio)")
+                f"MB per 1,000 tasks" + (f" ({ratio:,.1f}x)" if ratio else " (no meaningful ratio)")
+                + (f" = {leaky['slope_mb_per_1000'] / 1000:.1f} MB kept per task" if leaky["slope_mb_per_1000"] >= 100 else "")
                 + f"; RSS after warm-up {leaky['rss_warm_mb']:.0f} vs {base['rss_warm_mb']:.0f} MB "
                 f"({leaky['rss_warm_mb'] / base['rss_warm_mb']:.2f}x, {per_process:+.0f} MB per process running tasks); "
                 f"throughput {leaky['tasks_per_s']:.1f} vs {base['tasks_per_s']:.1f} tasks/s "
