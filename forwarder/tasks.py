@@ -53,16 +53,50 @@ class CheckedRequest(Request):
     Celery unpacks the body outside its own error handling: a body like ``"text"`` or ``[1, 2]`` raised
     ValueError out of the consumer, the worker exited ("Unrecoverable error"), the message went back
     to the queue, and every replica that took it crashed in turn. As InvalidTaskError it is logged and
-    dropped like any other invalid message.
+    dropped like any other invalid message, and, when its ``id`` header names a task, a FAILURE is
+    stored for it (as Celery does for an unknown task name), so the producer gets an answer instead of
+    PENDING until the task expires.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
         try:
-            super().__init__(*args, **kwargs)
+            super().__init__(message, *args, **kwargs)
+            if not isinstance(self._args, (list, tuple)) or not isinstance(self._kwargs, dict):
+                raise InvalidTaskError("malformed task message: body is not [args (array), kwargs (object), embed]")
+        except InvalidTaskError as exc:
+            refused = exc
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise InvalidTaskError(f"malformed task message: {type(exc).__name__}: {exc}") from None
-        if not isinstance(self._args, (list, tuple)) or not isinstance(self._kwargs, dict):
-            raise InvalidTaskError("malformed task message: body is not [args (array), kwargs (object), embed]")
+            refused = InvalidTaskError(f"malformed task message: {type(exc).__name__}: {exc}")
+        else:
+            return
+        headers = kwargs.get("headers") or getattr(message, "headers", None)
+        _store_refusal(kwargs.get("task"), headers, refused)
+        raise refused from None
+
+
+def _store_refusal(task: Task | None, headers: Any, exc: InvalidTaskError) -> None:
+    """Store llm-engine's failure meta for a refused message whose task id is known; never raises."""
+    task_id = headers.get("id") if isinstance(headers, dict) else None
+    if task is None or task.ignore_result or not isinstance(task_id, str) or not task_id:
+        return
+    try:
+        store_failure(task.backend, task_id, exc)
+    except Exception as error:  # the message is dropped either way; say why no result was stored
+        logger.error("could not store the failure of refused task %s: %s: %s", task_id, type(error).__name__, error)
+
+
+def store_failure(backend: Any, task_id: str, exc: BaseException, request: Any = None) -> dict[str, str]:
+    """Store a FAILURE the way llm-engine's readers expect (``custom`` JSON), keeping the traceback.
+
+    Returns llm-engine's error payload, which the hooks report as the response.
+    """
+    trace = format_trace(exc)
+    payload = error_payload(exc, trace)
+    prepared = backend.prepare_exception(exc)
+    meta = {"exc_type": prepared["exc_type"], "exc_message": prepared["exc_message"], "custom": json.dumps(payload)}
+    backend.store_result(task_id, meta, states.FAILURE, traceback=trace, request=request)
+    logger.warning("task %s failed: %s: %s", task_id, type(exc).__name__, exc)
+    return payload
 
 
 class ForwardTask(Task):
@@ -110,18 +144,8 @@ class ForwardTask(Task):
                 einfo.tb = None
 
     def _store_failure(self, task_id: str, exc: BaseException) -> dict[str, str]:
-        """Overwrite the failure meta the way llm-engine's readers expect, keeping the traceback.
+        """Overwrite Celery's failure meta with llm-engine's.
 
         (Celery passes ``einfo=None`` to ``after_return`` on failure, so the trace comes from ``exc``.)
         """
-        trace = format_trace(exc)
-        payload = error_payload(exc, trace)
-        prepared = self.backend.prepare_exception(exc)
-        meta = {
-            "exc_type": prepared["exc_type"],
-            "exc_message": prepared["exc_message"],
-            "custom": json.dumps(payload),
-        }
-        self.backend.store_result(task_id, meta, states.FAILURE, traceback=trace, request=self.request)
-        logger.warning("task %s failed: %s: %s", task_id, type(exc).__name__, exc)
-        return payload
+        return store_failure(self.backend, task_id, exc, request=self.request)

@@ -117,13 +117,20 @@ def test_malformed_message_bodies_are_refused_and_the_worker_survives(
     worker = spawn(pool, **model_env(own_model))
 
     # When messages arrive whose body (or headers) Celery cannot turn into a task call
-    for body in MALFORMED_BODIES:
-        publish_raw(redis_server, queue, body, {"task": TASK_NAME, "id": str(uuid.uuid4()), "lang": "py"})
+    ids = [str(uuid.uuid4()) for _ in MALFORMED_BODIES]
+    for body, task_id in zip(MALFORMED_BODIES, ids, strict=True):
+        publish_raw(redis_server, queue, body, {"task": TASK_NAME, "id": task_id, "lang": "py"})
     publish_raw(redis_server, queue, [[{"args": {"id": "no-id"}}], {}, {}], {"task": TASK_NAME, "lang": "py"})
 
     # Then each is logged and dropped, and the worker keeps serving (it used to exit: a poison message
     # that every replica took in turn)
     worker.wait_for_log("Received invalid task message", timeout=30, count=len(MALFORMED_BODIES) + 1)
+    # and each one whose id is known gets a stored FAILURE, so its producer is not left at PENDING
+    metas = wait_error_meta(results, ids, 30, [worker])
+    for body, task_id in zip(MALFORMED_BODIES, ids, strict=True):
+        assert metas[task_id]["status"] == "FAILURE", body
+        assert metas[task_id]["result"]["exc_type"] == "InvalidTaskError", body
+        assert json.loads(metas[task_id]["result"]["custom"])["error"].startswith("malformed task message"), body
     assert_serves_next(producer, results, queue, worker, own_model)
     assert own_model.behaviour.total == 1
     assert "Unrecoverable error" not in worker.output
