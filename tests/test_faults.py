@@ -15,6 +15,7 @@ import json
 import re
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,33 +73,51 @@ def test_sigkilled_worker_tasks_are_redelivered_and_complete(pool, spawn, produc
     wait_for(lambda: unacked_for(broker, queue) == {}, 10, "every message acknowledged")
 
 
-@pytest.mark.parametrize("pool", POOLS)
-def test_sigkilled_worker_on_sqs_tasks_are_redelivered_and_complete(
-    pool, spawn, results, redis_server, moto_server, aws_env, own_model
-):
-    # Given an SQS queue whose VisibilityTimeout is short, and a worker busy with two slow tasks from it
-    name = f"queue-{uuid.uuid4().hex[:12]}"
-    url = aws_client("sqs", moto_server).create_queue(
-        QueueName=name, Attributes={"VisibilityTimeout": str(VISIBILITY)})["QueueUrl"]
-    env = {**aws_env, **model_env(own_model), "CELERY_BROKER_URL": "sqs://", "CELERY_SQS_QUEUE_URL": url,
-           "CELERY_QUEUE": name, "CELERY_SQS_POLLING_INTERVAL": "0.1"}
-    producer = make_producer("sqs://", f"{redis_server.url}/1")
-    producer.conf.broker_transport_options = {"predefined_queues": {name: {"url": url}}, "region": REGION}
-    try:
-        own_model.behaviour.delay = 2.0
-        first = spawn(pool, **env)
-        ids = [send(producer, name, {"args": {"id": n}}) for n in range(4)]
-        wait_for(lambda: own_model.behaviour.total >= 2, 30, "two tasks in flight at the model")
+@pytest.fixture
+def sqs_queue(redis_server, moto_server, aws_env, own_model):
+    """Factory: ``sqs_queue(visibility)`` -> (worker env, producer, queue URL) for a new SQS queue in moto."""
+    producers = []
 
-        # When the whole worker is SIGKILLed mid-task, and a replacement starts at once
-        first.kill()
-        own_model.behaviour.delay = 0.0
-        second = spawn(pool, **env)
+    def make(visibility: int) -> tuple[dict[str, str], Any, str]:
+        name = f"queue-{uuid.uuid4().hex[:12]}"
+        url = aws_client("sqs", moto_server).create_queue(
+            QueueName=name, Attributes={"VisibilityTimeout": str(visibility)})["QueueUrl"]
+        env = {**aws_env, **model_env(own_model), "CELERY_BROKER_URL": "sqs://", "CELERY_SQS_QUEUE_URL": url,
+               "CELERY_QUEUE": name, "CELERY_SQS_POLLING_INTERVAL": "0.1"}
+        producer = make_producer("sqs://", f"{redis_server.url}/1")
+        producer.conf.broker_transport_options = {"predefined_queues": {name: {"url": url}}, "region": REGION}
+        producers.append(producer)
+        return env, producer, url
 
-        # Then SQS makes the unacknowledged messages visible again and every task completes
-        metas = wait_final(results, ids, 30, [second])
-    finally:
+    yield make
+    for producer in producers:
         producer.close()
+
+
+def sqs_counts(moto_server: str, url: str) -> tuple[int, int]:
+    """(visible, in flight) messages of an SQS queue."""
+    attrs = aws_client("sqs", moto_server).get_queue_attributes(
+        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    )["Attributes"]
+    return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_sigkilled_worker_on_sqs_tasks_are_redelivered_and_complete(pool, spawn, results, sqs_queue, own_model):
+    # Given an SQS queue whose VisibilityTimeout is short, and a worker busy with two slow tasks from it
+    env, producer, _url = sqs_queue(VISIBILITY)
+    own_model.behaviour.delay = 2.0
+    first = spawn(pool, **env)
+    ids = [send(producer, env["CELERY_QUEUE"], {"args": {"id": n}}) for n in range(4)]
+    wait_for(lambda: own_model.behaviour.total >= 2, 30, "two tasks in flight at the model")
+
+    # When the whole worker is SIGKILLed mid-task, and a replacement starts at once
+    first.kill()
+    own_model.behaviour.delay = 0.0
+    second = spawn(pool, **env)
+
+    # Then SQS makes the unacknowledged messages visible again and every task completes
+    metas = wait_final(results, ids, 30, [second])
     assert set(statuses(metas).values()) == {"SUCCESS"}
     seen = own_model.behaviour.requests
     assert sorted(seen[str(n)] for n in range(4)) == [1, 1, 2, 2], seen
@@ -296,6 +315,41 @@ def test_sigterm_under_load_finishes_in_flight_and_hands_back_the_rest(
     metas = wait_final(results, ids, 30, [second])
     assert set(statuses(metas).values()) == {"SUCCESS"}
     assert [own_model.behaviour.requests[str(n)] for n in range(10)] == [1] * 10
+    second.kill()
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_sigterm_on_sqs_finishes_in_flight_and_releases_the_rest_at_once(
+    pool, start_worker, results, sqs_queue, moto_server, own_model
+):
+    # Given a worker on an SQS queue with a 10-minute VisibilityTimeout (nothing may rely on it), two slow
+    # tasks in flight and more received from SQS and held (prefetch 3 x concurrency 2)
+    env, producer, url = sqs_queue(600)
+    own_model.behaviour.delay = 1.5
+    first = start_worker(pool, CELERY_WORKER_PREFETCH_MULTIPLIER="3", **env)
+    ids = [send(producer, env["CELERY_QUEUE"], {"args": {"id": n}}) for n in range(10)]
+    wait_for(lambda: own_model.behaviour.in_flight == 2, 30, "two tasks in flight at the model")
+    wait_for(lambda: sqs_counts(moto_server, url)[1] > 2, 10, "messages held beyond the two in flight")
+
+    # When it is asked to stop (SIGTERM)
+    first.signal(15)
+    own_model.behaviour.delay = 0.0
+    assert first.wait(40) == 0
+
+    # Then the two in-flight tasks finished and stored their results, nothing else ran ...
+    metas = read_metas(results, ids)
+    assert [m["status"] for m in metas.values()].count("SUCCESS") == 2, statuses(metas)
+    assert own_model.behaviour.total == 2
+    # ... the held messages are visible again at once (kombu makes the originals visible rather than
+    # sending copies, so nothing comes back a second time when the 10 minutes pass)
+    assert sqs_counts(moto_server, url) == (8, 0)
+
+    # ... and a second replica completes the rest: each request reached the model once
+    second = start_worker(pool, **env)
+    metas = wait_final(results, ids, 30, [second])
+    assert set(statuses(metas).values()) == {"SUCCESS"}
+    assert [own_model.behaviour.requests[str(n)] for n in range(10)] == [1] * 10
+    assert sqs_counts(moto_server, url) == (0, 0)
     second.kill()
 
 
