@@ -6,6 +6,7 @@ docs/RELIABILITY.md lists what each test proves; keep the two in step.
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from collections.abc import Iterator
@@ -17,10 +18,20 @@ import pytest
 from celery import Celery
 from kombu import Connection, Exchange, Producer
 
-from forwarder.devservers import ModelServer, RedisServer, free_port
+from forwarder.devservers import ModelServer, RedisServer, free_port, wait_for
 from forwarder.tasks import TASK_NAME
+from tests.support.aws import aws_client
 from tests.support.faults import *  # noqa: F403  (helpers and fixtures)
-from tests.support.faults import POOLS, model_env, read_metas, send, unacked_for, wait_error_meta, wait_final
+from tests.support.faults import (
+    POOLS,
+    model_env,
+    read_metas,
+    send,
+    sqs_counts,
+    unacked_for,
+    wait_error_meta,
+    wait_final,
+)
 
 pytestmark = pytest.mark.faults
 
@@ -135,6 +146,38 @@ def test_malformed_message_bodies_are_refused_and_the_worker_survives(
     assert own_model.behaviour.total == 1
     assert "Unrecoverable error" not in worker.output
     assert broker.llen(queue) == 0 and unacked_for(broker, queue) == {}
+    assert worker.process is not None and worker.process.poll() is None
+
+
+#: Raw SQS message bodies that are not kombu messages (someone used the console or another client).
+RAW_SQS_BODIES = ["a prompt", "[1, 2]", '{"args": {"id": 1}}', base64.b64encode(b"not json").decode(),
+                  json.dumps({"body": "x", "properties": {}})]
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_foreign_sqs_messages_are_deleted_and_the_worker_survives(pool, spawn, results, sqs_queue, moto_server, own_model):
+    env, producer, url = sqs_queue(5)
+    worker = spawn(pool, **env)
+    sqs = aws_client("sqs", moto_server)
+
+    # When an SQS queue receives bodies no Celery producer sent, and a kombu envelope with a malformed body
+    for body in RAW_SQS_BODIES:
+        sqs.send_message(QueueUrl=url, MessageBody=body)
+    envelope_id = str(uuid.uuid4())
+    sqs.send_message(QueueUrl=url, MessageBody=json.dumps({
+        "body": base64.b64encode(b'"a string"').decode(), "content-type": "application/json",
+        "content-encoding": "utf-8", "headers": {"task": TASK_NAME, "id": envelope_id, "lang": "py"},
+        "properties": {"body_encoding": "base64", "delivery_info": {}},
+    }))
+
+    # Then each foreign body is logged and deleted (not redelivered forever), the envelope gets a stored
+    # FAILURE, nothing reaches the model, and the worker serves the next task
+    worker.wait_for_log("Received and deleted unknown message", timeout=30, count=len(RAW_SQS_BODIES))
+    meta = wait_error_meta(results, [envelope_id], 30, [worker])[envelope_id]
+    assert meta["result"]["exc_type"] == "InvalidTaskError"
+    assert_serves_next(producer, results, env["CELERY_QUEUE"], worker, own_model)
+    assert own_model.behaviour.total == 1
+    wait_for(lambda: sqs_counts(moto_server, url) == (0, 0), 15, "the queue empty, nothing in flight")
     assert worker.process is not None and worker.process.poll() is None
 
 

@@ -13,22 +13,19 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from forwarder.demo import producer as make_producer
 from forwarder.devservers import ModelServer, free_port, wait_for
 from forwarder.tasks import LEGACY_TASK_NAME, TASK_NAME
-from tests.support.aws import REGION, aws_client
 from tests.support.faults import *  # noqa: F403  (helpers and fixtures)
 from tests.support.faults import (
     POOLS,
     model_env,
     read_metas,
     send,
+    sqs_counts,
     statuses,
     unacked_for,
     wait_error_meta,
@@ -71,35 +68,6 @@ def test_sigkilled_worker_tasks_are_redelivered_and_complete(pool, spawn, produc
     seen = own_model.behaviour.requests
     assert sorted(seen[str(n)] for n in range(4)) == [1, 1, 2, 2], seen
     wait_for(lambda: unacked_for(broker, queue) == {}, 10, "every message acknowledged")
-
-
-@pytest.fixture
-def sqs_queue(redis_server, moto_server, aws_env, own_model):
-    """Factory: ``sqs_queue(visibility)`` -> (worker env, producer, queue URL) for a new SQS queue in moto."""
-    producers = []
-
-    def make(visibility: int) -> tuple[dict[str, str], Any, str]:
-        name = f"queue-{uuid.uuid4().hex[:12]}"
-        url = aws_client("sqs", moto_server).create_queue(
-            QueueName=name, Attributes={"VisibilityTimeout": str(visibility)})["QueueUrl"]
-        env = {**aws_env, **model_env(own_model), "CELERY_BROKER_URL": "sqs://", "CELERY_SQS_QUEUE_URL": url,
-               "CELERY_QUEUE": name, "CELERY_SQS_POLLING_INTERVAL": "0.1"}
-        producer = make_producer("sqs://", f"{redis_server.url}/1")
-        producer.conf.broker_transport_options = {"predefined_queues": {name: {"url": url}}, "region": REGION}
-        producers.append(producer)
-        return env, producer, url
-
-    yield make
-    for producer in producers:
-        producer.close()
-
-
-def sqs_counts(moto_server: str, url: str) -> tuple[int, int]:
-    """(visible, in flight) messages of an SQS queue."""
-    attrs = aws_client("sqs", moto_server).get_queue_attributes(
-        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
-    )["Attributes"]
-    return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
 
 
 @pytest.mark.parametrize("pool", POOLS)

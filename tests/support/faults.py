@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from typing import Any
@@ -19,11 +20,14 @@ import redis
 import requests
 from celery import Celery
 
+from forwarder.demo import producer as make_producer
 from forwarder.devservers import ModelServer, RedisServer, WorkerProcess, wait_for, worker_env
 from forwarder.tasks import TASK_NAME
+from tests.support.aws import REGION, aws_client
 
 __all__ = ["POOLS", "FINAL", "send", "read_metas", "wait_final", "wait_error_meta", "statuses", "model_env", "unacked_for",
-           "ModelProcess", "results", "broker", "own_model", "model_process", "model_on", "spawn"]
+           "ModelProcess", "results", "broker", "own_model", "model_process", "model_on", "spawn",
+           "sqs_queue", "sqs_counts"]
 
 POOLS = ["prefork", "gevent"]
 FINAL = ("SUCCESS", "FAILURE")
@@ -203,3 +207,34 @@ def spawn(start_worker: Callable[..., WorkerProcess]) -> Iterator[Callable[..., 
     yield start
     for worker in started:
         worker.kill()
+
+
+@pytest.fixture
+def sqs_queue(
+    redis_server: RedisServer, moto_server: str, aws_env: dict[str, str], own_model: ModelServer
+) -> Iterator[Callable[[int], tuple[dict[str, str], Celery, str]]]:
+    """Factory: ``sqs_queue(visibility)`` -> (worker env, producer, queue URL) for a new SQS queue in moto."""
+    producers: list[Celery] = []
+
+    def make(visibility: int) -> tuple[dict[str, str], Celery, str]:
+        name = f"queue-{uuid.uuid4().hex[:12]}"
+        url = aws_client("sqs", moto_server).create_queue(
+            QueueName=name, Attributes={"VisibilityTimeout": str(visibility)})["QueueUrl"]
+        env = {**aws_env, **model_env(own_model), "CELERY_BROKER_URL": "sqs://", "CELERY_SQS_QUEUE_URL": url,
+               "CELERY_QUEUE": name, "CELERY_SQS_POLLING_INTERVAL": "0.1"}
+        producer = make_producer("sqs://", f"{redis_server.url}/1")
+        producer.conf.broker_transport_options = {"predefined_queues": {name: {"url": url}}, "region": REGION}
+        producers.append(producer)
+        return env, producer, url
+
+    yield make
+    for producer in producers:
+        producer.close()
+
+
+def sqs_counts(moto_server: str, url: str) -> tuple[int, int]:
+    """(visible, in flight) messages of an SQS queue."""
+    attrs = aws_client("sqs", moto_server).get_queue_attributes(
+        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    )["Attributes"]
+    return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
