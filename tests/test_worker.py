@@ -110,6 +110,50 @@ def test_ddtrace_run_gevent_worker_serves_a_task(start_worker, producer, model, 
 
 
 @pytest.mark.parametrize("pool", POOLS)
+def test_ddtrace_run_with_tracing_on_traces_each_task_and_its_model_call(
+    pool, start_worker, producer, model, queue, trace_agent, callback_receiver
+):
+    # As production runs it: ddtrace-run, tracing on, spans sent to the (here: fake, local) agent.
+    password, query_token = "traced-callback-password-1", "traced-query-token-1"
+    worker = start_worker(
+        pool, ddtrace=True, timeout=90, FORWARDER_HOOKS="callback", FORWARDER_CALLBACK_ALLOWED_HOSTS="127.0.0.1",
+        **trace_agent.env(),
+    )
+    request = {
+        "callback_url": f"{callback_receiver.url}/done?token={query_token}",
+        "callback_auth": {"kind": "basic", "username": "caller", "password": password},
+    }
+    results = [
+        send(producer, {**request, "args": {"id": i}}, name, queue=queue)
+        for i, name in enumerate([TASK_NAME, LEGACY_TASK_NAME, TASK_NAME])
+    ]
+    for result in results:
+        assert result.get(timeout=30)["status_code"] == 200
+    callback_receiver.wait_for(3)
+    ids = {result.id: name for result, name in zip(results, [TASK_NAME, LEGACY_TASK_NAME, TASK_NAME], strict=True)}
+    predict_url = f"{model.url}/predict"
+
+    def runs(spans: list[dict]) -> dict[str, dict]:
+        return {s["meta"].get("celery.id"): s for s in spans if s["name"] == "celery.run"}
+
+    def each_task_and_its_post(spans: list[dict]) -> bool:
+        found = runs(spans)
+        posts = {s["trace_id"] for s in spans if s["name"] == "requests.request" and s["meta"].get("http.url") == predict_url}
+        return all(task in found and found[task]["trace_id"] in posts for task in ids)
+
+    # The model POST is traced inside its task's trace: the request context follows the task (a prefork
+    # child's thread, or the task's own greenlet: ddtrace sees gevent because it is imported before the patch).
+    spans = trace_agent.wait_for_spans(each_task_and_its_post, 30, "celery.run span with its model POST per task")
+    found = runs(spans)
+    for task, name in ids.items():
+        assert found[task]["resource"] == name and found[task]["meta"]["celery.state"] == "SUCCESS"
+        assert found[task]["service"] == "celery-forwarder-test"
+    everything = json.dumps(spans, default=str)
+    assert password not in everything and query_token not in everything  # no secret reaches the trace agent
+    assert "Traceback" not in worker.output and "failed to send" not in worker.output
+
+
+@pytest.mark.parametrize("pool", POOLS)
 def test_sigterm_lets_the_running_task_finish_and_store_its_result(pool, start_worker, producer, model, queue):
     worker = start_worker(pool)
     model.behaviour.delay = 2.0
