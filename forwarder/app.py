@@ -6,7 +6,7 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from celery import Celery
+from celery import Celery, signals
 
 from forwarder import tasks
 from forwarder.errors import ModelConnectionError
@@ -34,6 +34,8 @@ def build_app(settings: Settings) -> Celery:
         # worker is configured by) win over the app's configuration. backend_cls wins over both.
         app.backend_cls = backend
     register_tasks(app, settings)
+    # Once per process whatever the number of apps (dispatch_uid); before the worker builds its tracers.
+    signals.task_postrun.connect(tasks.release_task_exception, weak=False, dispatch_uid="forwarder.release")
     return app
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 
 class ForwarderError(Exception):
     """Root of every error the forwarder raises on purpose."""
@@ -41,3 +43,26 @@ class ModelResponseError(ForwarderError):
 
 class HookError(ForwarderError):
     """A post-inference hook failed (logged and counted; never changes the task's result)."""
+
+
+def release_exception(exc: BaseException | None) -> None:
+    """Free what an exception holds once it has been handled (logged, stored, retried).
+
+    A traceback keeps every frame it passed through alive, with their locals: the request, the model's
+    answer, a response buffer. ``except ... as exc`` followed by ``raise Other(...) from exc`` also leaves a
+    cycle (frame -> exc -> traceback -> frame) that only the cyclic collector frees, late (a gen-2 pass),
+    so one failed task's buffers could outlive it by minutes. This clears the finished frames of the
+    exception and of every exception chained to it (``__cause__``, ``__context__``) and drops the
+    tracebacks. Frames still running (the caller's) are left alone. Celery's own clearing
+    (``celery.app.trace.traceback_clear``) covers only the outermost traceback.
+    """
+    pending = [exc]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        current.__traceback__ = None
+        pending += (current.__cause__, current.__context__)

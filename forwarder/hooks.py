@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from forwarder.errors import release_exception
 from forwarder.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -47,11 +48,12 @@ class HookRunner:
                 hook(request_map, body, task_id)
             except Exception as exc:
                 failures = self.counts[f"{hook.name}.failure"] = self.counts[f"{hook.name}.failure"] + 1
-                # No traceback kept or logged: the message names the cause, and frames stay unpinned.
+                # No traceback logged or kept: the message names the cause; releasing it frees its frames.
                 logger.warning(
                     "hook %s failed for task %s: %s: %s (failures in this process: %d of %d)",
                     hook.name, task_id, type(exc).__name__, exc, failures, self.counts[f"{hook.name}.attempt"],
                 )
+                release_exception(exc)
             else:
                 self.counts[f"{hook.name}.success"] += 1
 

@@ -11,7 +11,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from forwarder.errors import ModelConnectionError, ModelNotReady, ModelResponseError, ModelTimeout
+from forwarder.errors import ModelConnectionError, ModelNotReady, ModelResponseError, ModelTimeout, release_exception
 from gateways.cached_client import CachedClient
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,9 @@ class ModelClient:
         try:
             response = self.session.get().get(self.healthcheck_url, timeout=(self._connect_timeout, 5.0))
         except requests.RequestException as exc:
-            return False, _root_cause(exc)
+            seen = _root_cause(exc)
+            release_exception(exc)
+            return False, seen
         return response.status_code == 200, f"HTTP {response.status_code}"
 
     def wait_ready(self, timeout: float) -> None:

@@ -19,7 +19,7 @@ from celery.worker import state as worker_state
 from celery.worker.request import Request
 
 from forwarder import deps
-from forwarder.errors import ForwarderError, MalformedRequest
+from forwarder.errors import ForwarderError, MalformedRequest, release_exception
 from forwarder.payload import error_payload, format_trace, plan_request, shape_result
 
 logger = logging.getLogger(__name__)
@@ -135,13 +135,7 @@ class ForwardTask(Task):
             deps.current().hooks.run(request, response, task_id)
         except Exception as exc:
             logger.error("after-return handling failed for task %s: %s: %s", task_id, type(exc).__name__, exc)
-        finally:
-            # Drop frame references so no task's buffers outlive it (exceptions pin every frame).
-            if isinstance(retval, BaseException):
-                retval.__traceback__ = None
-            if einfo is not None:
-                einfo.exception = None
-                einfo.tb = None
+            release_exception(exc)
 
     def _store_failure(self, task_id: str, exc: BaseException) -> dict[str, str]:
         """Overwrite Celery's failure meta with llm-engine's.
@@ -149,3 +143,16 @@ class ForwardTask(Task):
         (Celery passes ``einfo=None`` to ``after_return`` on failure, so the trace comes from ``exc``.)
         """
         return store_failure(self.backend, task_id, exc, request=self.request)
+
+
+def release_task_exception(retval: Any = None, **_: Any) -> None:
+    """``task_postrun`` receiver: once a task is over, free the exception it ended with.
+
+    Postrun comes after everything that reads the exception (the stored failure and its traceback,
+    ``after_return`` and the hooks, Celery's retry message, the failure and retry signals that tracing
+    reads) and, unlike ``after_return``, also after a RETRY. Without it every failed or retried task left
+    its frames (request, model answer) in reference cycles for the cyclic collector (tests/test_task_frames.py).
+    """
+    if isinstance(retval, BaseException):
+        release_exception(retval)
+        release_exception(getattr(retval, "exc", None))  # a Retry carries the failure that caused it

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
 
+from forwarder.errors import release_exception
+
 T = TypeVar("T")
 Clock = Callable[[], datetime]
 
@@ -92,7 +94,9 @@ class CachedClient(Generic[T]):
         self._installed: _Installed[T] | None = None
         self._failures = 0
         self._retry_at: datetime | None = None
-        self._last_error: BaseException | None = None
+        #: What the last failed build raised, as text: never the exception, whose traceback would keep the
+        #: frames of the task that triggered the build (its request and answer) alive until the next build.
+        self._last_failure = ""
         #: How many builds succeeded in this process (for tests and diagnostics).
         self.builds = 0
 
@@ -136,7 +140,7 @@ class CachedClient(Generic[T]):
             if usable:
                 return installed.client  # type: ignore[union-attr]
             raise ClientUnavailable(
-                f"{self.name}: last build failed ({self._last_error!r}); next try after {self._retry_at:%H:%M:%S}"
+                f"{self.name}: last build failed ({self._last_failure}); next try after {self._retry_at:%H:%M:%S}"
             )
         try:
             client, expiry = self._build()
@@ -144,15 +148,16 @@ class CachedClient(Generic[T]):
             # The backoff runs from the failure: a build slower than the backoff (STS timing out) must not
             # leave it already elapsed, which would make every caller try again at once.
             self._note_failure(self._clock(), exc)
-            if usable:
-                logger.warning(
-                    "%s: refresh failed (%s); keeping the current client, valid until %s",
-                    self.name, _describe(exc), installed.expiry,  # type: ignore[union-attr]
-                )
-                return installed.client  # type: ignore[union-attr]
-            raise
+            if not usable:
+                raise  # the caller reports it, then releases it
+            logger.warning(
+                "%s: refresh failed (%s); keeping the current client, valid until %s",
+                self.name, _describe(exc), installed.expiry,  # type: ignore[union-attr]
+            )
+            release_exception(exc)
+            return installed.client  # type: ignore[union-attr]
         self._installed = _Installed(client, expiry, self._refresh_time(expiry))
-        self._failures, self._retry_at, self._last_error = 0, None, None
+        self._failures, self._retry_at, self._last_failure = 0, None, ""
         self.builds += 1
         # The old client is not closed here: other greenlets may still be mid-call on it; the GC
         # closes it once the last of them lets go.
@@ -163,8 +168,7 @@ class CachedClient(Generic[T]):
         self._failures += 1
         delay = min(self._backoff_max, self._backoff_initial * 2 ** (self._failures - 1))
         self._retry_at = now + timedelta(seconds=delay)
-        self._last_error = exc
-        exc.__traceback__ = None  # keep no frames alive in the cache
+        self._last_failure = _describe(exc)
 
     def _refresh_time(self, expiry: datetime | None) -> datetime | None:
         # Rebuild ``leeway`` before the expiry, but never later than half-way through the client's

@@ -49,6 +49,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.util import connection as urllib3_connection
 
+from forwarder.errors import release_exception
 from gateways.cached_client import CachedClient
 
 logger = logging.getLogger(__name__)
@@ -406,14 +407,10 @@ class CallbackClient:
             )
         except CallbackRefused as exc:  # the connect-time check: the host resolved differently
             refused = CallbackRefused(str(exc))
-        except requests.ConnectTimeout:
-            failure = f"connect timed out after {self.timeout:g} s"
-        except requests.ReadTimeout:
-            failure = f"no answer within {self.timeout:g} s"
-        except requests.ConnectionError as exc:
-            failure = f"connection failed ({_root_cause(exc)})"
+            release_exception(exc)
         except requests.RequestException as exc:
-            failure = f"request failed ({type(exc).__name__})"
+            failure = self._failure(exc)
+            release_exception(exc)  # its frames (urllib3's, then ours) would hold the body and headers
         # Raised out here so no exception keeps the request (and its Authorization header) alive.
         if refused is not None:
             raise refused
@@ -425,6 +422,16 @@ class CallbackClient:
         finally:
             response.close()
         return status, f"HTTP {status}"
+
+    def _failure(self, exc: requests.RequestException) -> str:
+        """Why one attempt failed, in words (no URL path, no headers)."""
+        if isinstance(exc, requests.ConnectTimeout):
+            return f"connect timed out after {self.timeout:g} s"
+        if isinstance(exc, requests.ReadTimeout):
+            return f"no answer within {self.timeout:g} s"
+        if isinstance(exc, requests.ConnectionError):
+            return f"connection failed ({_root_cause(exc)})"
+        return f"request failed ({type(exc).__name__})"
 
     def _delay(self, attempt: int) -> float:
         ceiling = min(BACKOFF_MAX, self.backoff * 2 ** (attempt - 1))
@@ -439,8 +446,8 @@ def _discard_body(response: requests.Response, deadline: float) -> None:
             read += len(chunk)
             if read >= BODY_LIMIT or time.monotonic() >= deadline:
                 return
-    except (requests.RequestException, OSError):
-        return  # the status is known; a broken body only costs the connection
+    except (requests.RequestException, OSError) as exc:
+        release_exception(exc)  # the status is known; a broken body only costs the connection
 
 
 def _root_cause(exc: BaseException) -> str:

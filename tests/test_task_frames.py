@@ -1,0 +1,179 @@
+"""No task leaves a frame of ours holding its data: failed tasks, retries and failing hooks release their frames.
+
+An exception kept after a task (on a cache, a counter, Celery's failure info) keeps its traceback and with
+it every frame's locals: the request, the model's response buffers. ``except ... as exc`` followed by
+``raise ... from exc`` also leaves a cycle (frame -> exception -> traceback -> frame) that only the cyclic
+collector frees, late. Under long-lived prefork children or one gevent process that is memory held for
+no reason, or without bound.
+
+The checks run Celery's own task tracer (``build_tracer(eager=False)``: what a prefork child and a gevent
+greenlet run per message) in a child process, with the worker's own app and deps, against the suite's
+Redis, model and moto servers, then look at every frame whose code lives in ``forwarder/`` or
+``gateways/``:
+
+- strict (cyclic collector off): failures whose exceptions end in our hands (a malformed request, a model
+  answering garbage, timing out or refusing connections, both hooks failing) leave no such frame holding
+  locals;
+- reachable (after a full collection): outages that botocore retries internally (STS unreachable) leave no
+  such frame at all. botocore's own retry loop keeps exceptions in cycles of its frames, which also hold
+  the frames that were running above it (the hook runner's) until the collector runs: that is theirs, and
+  bounded by the client's backoff, but nothing of it may stay reachable;
+- a control that keeps one exception on purpose must be caught.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from forwarder.devservers import ModelServer, free_port, worker_env
+from forwarder.tasks import LEGACY_TASK_NAME, TASK_NAME
+
+CHILD = textwrap.dedent(
+    """
+    import gc, json, os, sys, types, uuid
+    from forwarder.pool_bootstrap import bootstrap
+    bootstrap()  # the gevent patch first, as in the worker
+    from pathlib import Path
+    from celery.app.trace import build_tracer
+    import forwarder, gateways
+    from forwarder import deps
+    from forwarder.app import build_app
+    from forwarder.settings import Settings
+
+    OURS = tuple(str(Path(module.__file__).parent) + os.sep for module in (forwarder, gateways))
+    settings = Settings.from_env(os.environ)
+    app = build_app(settings)
+
+    def run(case):
+        # The worker's own per-process deps, for this case's model server.
+        deps.install(deps.build_deps(settings.replace(model_url=case["model"])))
+        task = app.tasks[case["task"]]
+        tracer = build_tracer(task.name, task, app=app, eager=False, propagate=False)
+        task_id = str(uuid.uuid4())
+        request = {"id": task_id, "retries": case.get("retries", 0),
+                   "delivery_info": {"routing_key": settings.queue, "exchange": "", "priority": 0}}
+        tracer(task_id, [case["request"], None, False], {}, request)
+        return task.backend.get_task_meta(task_id)["status"]
+
+    def frames_of_ours():
+        return [o for o in gc.get_objects()
+                if isinstance(o, types.FrameType) and o.f_code.co_filename.startswith(OURS)]
+
+    strict = os.environ["FRAME_CHECK"] == "strict"
+    gc.collect()
+    gc.disable()  # strict: a frame in a reference cycle counts as kept, too
+    kept = []
+    for case in json.loads(os.environ["FRAME_CASES"]):
+        status = run(case)
+        print(case["name"], status)
+        assert status == case["status"], (case["name"], status)
+        if case.get("keep_exception"):  # the control: what a cache of exceptions would do
+            try:
+                deps.current().model.predict({"id": "control"})
+            except Exception as exc:
+                kept.append(exc)
+    if not strict:
+        gc.collect()
+    found = [frame for frame in frames_of_ours() if frame.f_locals or not strict]
+    for frame in found:
+        print("kept alive:", frame.f_code.co_name, Path(frame.f_code.co_filename).name, frame.f_lineno,
+              sorted(frame.f_locals))
+    sys.exit(3 if found else 0)
+    """
+)
+
+
+@pytest.fixture
+def text_model():
+    """A model server that answers HTTP 502 with an HTML body."""
+    server = ModelServer().start()
+    server.behaviour.mode, server.behaviour.status = "text", 502
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hanging_model():
+    """A model server that accepts requests and never answers."""
+    server = ModelServer().start()
+    server.behaviour.mode = "hang"
+    yield server
+    server.stop()
+
+
+def cases(model, text_model, hanging_model, closed: str) -> list[dict]:
+    predict = f"{model.url}/predict"
+    return [
+        {"name": "success", "model": predict, "task": TASK_NAME, "request": {"args": {"id": 1}}, "status": "SUCCESS"},
+        {"name": "malformed", "model": predict, "task": TASK_NAME, "request": {"args": "text"}, "status": "FAILURE"},
+        {"name": "legacy name, malformed", "model": predict, "task": LEGACY_TASK_NAME, "request": [1],
+         "status": "FAILURE"},
+        {"name": "non-JSON answer", "model": f"{text_model.url}/predict", "task": TASK_NAME,
+         "request": {"args": {"id": 2}}, "status": "FAILURE"},
+        {"name": "read timeout", "model": f"{hanging_model.url}/predict", "task": TASK_NAME,
+         "request": {"args": {"id": 3}}, "status": "FAILURE"},
+        {"name": "connection refused, retried", "model": f"{closed}/predict", "task": TASK_NAME,
+         "request": {"args": {"id": 4}}, "status": "RETRY"},
+        {"name": "connection refused, retries used up", "model": f"{closed}/predict", "task": LEGACY_TASK_NAME,
+         "request": {"args": {"id": 5}}, "retries": 1, "status": "FAILURE"},
+    ]
+
+
+def run_child(pool: str, check: str, redis_server, model, queue: str, frame_cases: list[dict],
+              **env: str) -> subprocess.CompletedProcess[str]:
+    child_env = worker_env(
+        CELERY_WORKER_POOL=pool,
+        CELERY_BROKER_URL=f"{redis_server.url}/0",
+        CELERY_RESULT_BACKEND=f"{redis_server.url}/1",
+        CELERY_QUEUE=queue,
+        FORWARDER_HEALTHCHECK_URL=f"{model.url}/readyz",
+        FORWARDER_MODEL_READ_TIMEOUT="0.5",
+        FORWARDER_RETRY_MAX="1",
+        # The callback hook fails on every task: its default URL is the metadata service (refused).
+        FORWARDER_HOOKS="callback,logging",
+        FORWARDER_CALLBACK_URL="http://169.254.169.254/latest/meta-data",
+        FIREHOSE_STREAM_NAME="no-such-stream",
+        FIREHOSE_ROLE_ARN="arn:aws:iam::123456789012:role/logging",
+        FRAME_CHECK=check,
+        FRAME_CASES=json.dumps(frame_cases),
+        **env,
+    )
+    return subprocess.run([sys.executable, "-c", CHILD], env=child_env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("pool", ["prefork", "gevent"])
+def test_failed_tasks_retries_and_failing_hooks_leave_no_frame_holding_data(
+    pool, redis_server, model, text_model, hanging_model, queue, aws_env
+):
+    # The logging hook assumes its role at moto, then fails every put: the stream does not exist.
+    closed = f"http://127.0.0.1:{free_port()}"
+    done = run_child(pool, "strict", redis_server, model, queue, cases(model, text_model, hanging_model, closed))
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert done.stdout.count("\n") == 7  # every case ran, with the expected state
+    # Hooks run once a task is over: every case but the RETRY one.
+    assert done.stderr.count("hook logging failed") == 6 and "ResourceNotFoundException" in done.stderr
+
+
+@pytest.mark.parametrize("pool", ["prefork", "gevent"])
+def test_an_sts_outage_keeps_nothing_of_ours_reachable(pool, redis_server, model, text_model, hanging_model, queue):
+    closed = f"http://127.0.0.1:{free_port()}"
+    done = run_child(
+        pool, "reachable", redis_server, model, queue, cases(model, text_model, hanging_model, closed),
+        AWS_ENDPOINT_URL=closed, AWS_DEFAULT_REGION="us-east-1", AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "cannot build the Firehose client: EndpointConnectionError" in done.stderr
+
+
+def test_the_check_sees_a_frame_kept_by_an_exception(redis_server, model, text_model, hanging_model, queue, aws_env):
+    control = {"name": "control", "model": f"{text_model.url}/predict", "task": TASK_NAME,
+               "request": {"args": {"id": 6}}, "status": "FAILURE", "keep_exception": True}
+    done = run_child("prefork", "strict", redis_server, model, queue, [control])
+    assert done.returncode == 3, done.stdout + done.stderr[-3000:]
+    assert "kept alive: predict model_client.py" in done.stdout
