@@ -11,7 +11,14 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from forwarder.errors import ModelConnectionError, ModelNotReady, ModelResponseError, ModelTimeout, release_exception
+from forwarder.errors import (
+    ForwarderError,
+    ModelConnectionError,
+    ModelNotReady,
+    ModelResponseError,
+    ModelTimeout,
+    release_exception,
+)
 from gateways.cached_client import CachedClient
 
 logger = logging.getLogger(__name__)
@@ -73,26 +80,38 @@ class ModelClient:
             ModelTimeout: no answer within the read timeout.
             ModelResponseError: the answer is not JSON.
         """
+        # Errors are raised after their except blocks, chained to nothing: a requests error holds the
+        # prepared request (the whole encoded payload) and a JSON error the whole answer, and the task's
+        # exception outlives the task in Celery's retry and failure bookkeeping.
+        failure: ForwarderError | None = None
         try:
             response = self.session.get().post(
                 self.predict_url, json=payload, headers=headers, timeout=self._timeout
             )
-        except requests.ConnectTimeout as exc:
-            raise ModelConnectionError(f"model server {self.predict_url}: connect timed out") from exc
-        except requests.ReadTimeout as exc:
-            raise ModelTimeout(
-                f"model server {self.predict_url} did not answer within {self._timeout[1]:g} s"
-            ) from exc
-        except requests.ConnectionError as exc:
-            raise ModelConnectionError(f"model server {self.predict_url} unreachable: {_root_cause(exc)}") from exc
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            failure = self._transport_failure(exc)
+            release_exception(exc)
+        if failure is not None:
+            raise failure
         try:
             body = response.json()
-        except ValueError:
-            preview = response.text[:BODY_PREVIEW]
-            raise ModelResponseError(
-                f"model server answered HTTP {response.status_code} with a body that is not JSON: {preview!r}"
-            ) from None
+        except ValueError as exc:
+            release_exception(exc)
+            failure = ModelResponseError(
+                f"model server answered HTTP {response.status_code} with a body that is not JSON: "
+                f"{response.text[:BODY_PREVIEW]!r}"
+            )
+        if failure is not None:
+            raise failure
         return ModelAnswer(response.status_code, body)
+
+    def _transport_failure(self, exc: requests.RequestException) -> ForwarderError:
+        """Our error for a failed POST: connection problems are retried, a read timeout is not."""
+        if isinstance(exc, requests.ConnectTimeout):
+            return ModelConnectionError(f"model server {self.predict_url}: connect timed out")
+        if isinstance(exc, requests.ReadTimeout):
+            return ModelTimeout(f"model server {self.predict_url} did not answer within {self._timeout[1]:g} s")
+        return ModelConnectionError(f"model server {self.predict_url} unreachable: {_root_cause(exc)}")
 
     def is_ready(self) -> tuple[bool, str]:
         """One readiness probe: (ready, what was seen)."""

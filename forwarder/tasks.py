@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from celery import Task, states
-from celery.exceptions import InvalidTaskError, Reject
+from celery.exceptions import InvalidTaskError, Reject, Retry
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
@@ -155,4 +155,10 @@ def release_task_exception(retval: Any = None, **_: Any) -> None:
     """
     if isinstance(retval, BaseException):
         release_exception(retval)
-        release_exception(getattr(retval, "exc", None))  # a Retry carries the failure that caused it
+    if isinstance(retval, Retry):
+        release_exception(retval.exc)  # the failure that caused it
+        # Celery's Retry passes itself into its own args: a reference cycle that kept ``sig``, the retried
+        # task's signature with its whole request, until the cyclic collector ran (one per retry, so a
+        # model outage piled them up). Nothing reads args or sig once the retry message is sent.
+        retval.args = tuple(arg for arg in retval.args if arg is not retval)
+        retval.sig = None

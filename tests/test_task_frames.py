@@ -12,8 +12,9 @@ Redis, model and moto servers, then look at every frame whose code lives in ``fo
 ``gateways/``:
 
 - strict (cyclic collector off): failures whose exceptions end in our hands (a malformed request, a model
-  answering garbage, timing out or refusing connections, both hooks failing) leave no such frame holding
-  locals;
+  answering garbage, timing out or refusing connections, a retry, both hooks failing) leave no such frame
+  holding locals, and no request waiting in a reference cycle for the collector (each carries a 1 MiB
+  prompt; what a collection frees afterwards must be less than half of one);
 - reachable (after a full collection): outages that botocore retries internally (STS unreachable) leave no
   such frame at all. botocore's own retry loop keeps exceptions in cycles of its frames, which also hold
   the frames that were running above it (the hook runner's) until the collector runs: that is theirs, and
@@ -35,7 +36,7 @@ from forwarder.tasks import LEGACY_TASK_NAME, TASK_NAME
 
 CHILD = textwrap.dedent(
     """
-    import gc, json, os, sys, types, uuid
+    import dataclasses, gc, json, os, sys, types, uuid
     from forwarder.pool_bootstrap import bootstrap
     bootstrap()  # the gevent patch first, as in the worker
     from pathlib import Path
@@ -48,10 +49,15 @@ CHILD = textwrap.dedent(
     OURS = tuple(str(Path(module.__file__).parent) + os.sep for module in (forwarder, gateways))
     settings = Settings.from_env(os.environ)
     app = build_app(settings)
+    cases = json.load(sys.stdin)
+    # The worker's deps, built once as in a worker process: one hook runner (one Firehose gateway) for
+    # all cases, and a model client per model server the cases use.
+    shared = deps.build_deps(settings)
+    per_model = {case["model"]: dataclasses.replace(shared, model=deps.build_deps(
+        settings.replace(model_url=case["model"])).model) for case in cases}
 
     def run(case):
-        # The worker's own per-process deps, for this case's model server.
-        deps.install(deps.build_deps(settings.replace(model_url=case["model"])))
+        deps.install(per_model[case["model"]])
         task = app.tasks[case["task"]]
         tracer = build_tracer(task.name, task, app=app, eager=False, propagate=False)
         task_id = str(uuid.uuid4())
@@ -64,11 +70,15 @@ CHILD = textwrap.dedent(
         return [o for o in gc.get_objects()
                 if isinstance(o, types.FrameType) and o.f_code.co_filename.startswith(OURS)]
 
+    import tracemalloc
     strict = os.environ["FRAME_CHECK"] == "strict"
+    if strict:
+        run(cases[0])  # warm-up: the process's clients (Firehose, Redis, HTTP) are built once, not per task
     gc.collect()
     gc.disable()  # strict: a frame in a reference cycle counts as kept, too
+    tracemalloc.start()
     kept = []
-    for case in json.loads(os.environ["FRAME_CASES"]):
+    for case in cases:
         status = run(case)
         print(case["name"], status)
         assert status == case["status"], (case["name"], status)
@@ -83,7 +93,15 @@ CHILD = textwrap.dedent(
     for frame in found:
         print("kept alive:", frame.f_code.co_name, Path(frame.f_code.co_filename).name, frame.f_lineno,
               sorted(frame.f_locals))
-    sys.exit(3 if found else 0)
+    kept, found, frame = bool(found), None, None  # hold no frame while measuring
+    # strict: what only the cyclic collector would have freed (requests or answers waiting in cycles).
+    held = tracemalloc.get_traced_memory()[0]
+    gc.collect()
+    in_cycles = held - tracemalloc.get_traced_memory()[0]
+    limit = int(os.environ["FRAME_CYCLES_LIMIT"])
+    if strict and in_cycles > limit:
+        print(f"in reference cycles: {in_cycles} bytes (limit {limit})")
+    sys.exit(3 if kept or (strict and in_cycles > limit) else 0)
     """
 )
 
@@ -106,21 +124,33 @@ def hanging_model():
     server.stop()
 
 
+#: Every request carries a prompt this large: one request left in a reference cycle exceeds the limit.
+PROMPT = "p" * (1024 * 1024)
+#: Bytes the cyclic collector may free after all the cases: half a prompt. What is there (~150 KB) is not
+#: the tasks' data: billiard's copy of each failure's traceback (~28 KB a failed task, Celery's own) and
+#: the exception classes Celery makes when the child reads a failure back.
+CYCLES_LIMIT = 512 * 1024
+
+
 def cases(model, text_model, hanging_model, closed: str) -> list[dict]:
     predict = f"{model.url}/predict"
+
+    def request(number: int) -> dict:
+        return {"args": {"id": number, "prompt": PROMPT}}
+
     return [
-        {"name": "success", "model": predict, "task": TASK_NAME, "request": {"args": {"id": 1}}, "status": "SUCCESS"},
-        {"name": "malformed", "model": predict, "task": TASK_NAME, "request": {"args": "text"}, "status": "FAILURE"},
-        {"name": "legacy name, malformed", "model": predict, "task": LEGACY_TASK_NAME, "request": [1],
+        {"name": "success", "model": predict, "task": TASK_NAME, "request": request(1), "status": "SUCCESS"},
+        {"name": "malformed", "model": predict, "task": TASK_NAME, "request": {"args": PROMPT}, "status": "FAILURE"},
+        {"name": "legacy name, malformed", "model": predict, "task": LEGACY_TASK_NAME, "request": [PROMPT],
          "status": "FAILURE"},
         {"name": "non-JSON answer", "model": f"{text_model.url}/predict", "task": TASK_NAME,
-         "request": {"args": {"id": 2}}, "status": "FAILURE"},
+         "request": request(2), "status": "FAILURE"},
         {"name": "read timeout", "model": f"{hanging_model.url}/predict", "task": TASK_NAME,
-         "request": {"args": {"id": 3}}, "status": "FAILURE"},
+         "request": request(3), "status": "FAILURE"},
         {"name": "connection refused, retried", "model": f"{closed}/predict", "task": TASK_NAME,
-         "request": {"args": {"id": 4}}, "status": "RETRY"},
+         "request": request(4), "status": "RETRY"},
         {"name": "connection refused, retries used up", "model": f"{closed}/predict", "task": LEGACY_TASK_NAME,
-         "request": {"args": {"id": 5}}, "retries": 1, "status": "FAILURE"},
+         "request": request(5), "retries": 1, "status": "FAILURE"},
     ]
 
 
@@ -140,10 +170,11 @@ def run_child(pool: str, check: str, redis_server, model, queue: str, frame_case
         FIREHOSE_STREAM_NAME="no-such-stream",
         FIREHOSE_ROLE_ARN="arn:aws:iam::123456789012:role/logging",
         FRAME_CHECK=check,
-        FRAME_CASES=json.dumps(frame_cases),
+        FRAME_CYCLES_LIMIT=str(CYCLES_LIMIT),
         **env,
     )
-    return subprocess.run([sys.executable, "-c", CHILD], env=child_env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", CHILD], env=child_env, input=json.dumps(frame_cases),
+                          capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("pool", ["prefork", "gevent"])
@@ -155,8 +186,8 @@ def test_failed_tasks_retries_and_failing_hooks_leave_no_frame_holding_data(
     done = run_child(pool, "strict", redis_server, model, queue, cases(model, text_model, hanging_model, closed))
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert done.stdout.count("\n") == 7  # every case ran, with the expected state
-    # Hooks run once a task is over: every case but the RETRY one.
-    assert done.stderr.count("hook logging failed") == 6 and "ResourceNotFoundException" in done.stderr
+    # Hooks run once a task is over: the warm-up and every case but the RETRY one.
+    assert done.stderr.count("hook logging failed") == 7 and "ResourceNotFoundException" in done.stderr
 
 
 @pytest.mark.parametrize("pool", ["prefork", "gevent"])
