@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from typing import Any
 
 from celery import Task, states
@@ -129,6 +130,7 @@ class ForwardTask(Task):
         request = args[0] if args else None
         try:
             if status == states.FAILURE and isinstance(retval, BaseException):
+                mark_trace_error(retval)
                 response: Any = self._store_failure(task_id, retval)
             else:
                 response = retval
@@ -143,6 +145,20 @@ class ForwardTask(Task):
         (Celery passes ``einfo=None`` to ``after_return`` on failure, so the trace comes from ``exc``.)
         """
         return store_failure(self.backend, task_id, exc, request=self.request)
+
+
+def mark_trace_error(exc: BaseException) -> None:
+    """Under ``ddtrace-run``, flag the running task's span as an error, with the exception's type and stack.
+
+    ddtrace's Celery integration leaves a failure unflagged when the task lists it in ``Task.throws``
+    (Celery's "expected" failures, logged in one line without a traceback), which every ForwarderError
+    is: a worker whose every task failed would show no error in APM. Nothing is imported or done when
+    ddtrace is not already loaded (plain ``python -m forwarder``) or not tracing.
+    """
+    trace = sys.modules.get("ddtrace.trace")
+    span = trace.tracer.current_root_span() if trace is not None else None
+    if span is not None:
+        span.set_exc_info(type(exc), exc, exc.__traceback__)
 
 
 def release_task_exception(retval: Any = None, **_: Any) -> None:

@@ -127,8 +127,11 @@ def test_ddtrace_run_with_tracing_on_traces_each_task_and_its_model_call(
         send(producer, {**request, "args": {"id": i}}, name, queue=queue)
         for i, name in enumerate([TASK_NAME, LEGACY_TASK_NAME, TASK_NAME])
     ]
+    failed = send(producer, {"args": "not an object"}, queue=queue)
     for result in results:
         assert result.get(timeout=30)["status_code"] == 200
+    with pytest.raises(Exception, match="must be a JSON object"):
+        failed.get(timeout=30)
     callback_receiver.wait_for(3)
     ids = {result.id: name for result, name in zip(results, [TASK_NAME, LEGACY_TASK_NAME, TASK_NAME], strict=True)}
     predict_url = f"{model.url}/predict"
@@ -148,6 +151,14 @@ def test_ddtrace_run_with_tracing_on_traces_each_task_and_its_model_call(
     for task, name in ids.items():
         assert found[task]["resource"] == name and found[task]["meta"]["celery.state"] == "SUCCESS"
         assert found[task]["service"] == "celery-forwarder-test"
+    # A failed task is an error in APM, with its type, message and stack (ddtrace itself leaves failures
+    # listed in Task.throws unflagged; the stack also shows its frames were released only after this).
+    error = trace_agent.wait_for_spans(lambda spans: failed.id in runs(spans), 30, "the failed task's span")
+    failed_run = runs(error)[failed.id]
+    assert failed_run["error"] == 1 and failed_run["meta"]["celery.state"] == "FAILURE"
+    assert failed_run["meta"]["error.type"] == "forwarder.errors.MalformedRequest"
+    assert "must be a JSON object" in failed_run["meta"]["error.message"]
+    assert "plan_request" in failed_run["meta"]["error.stack"]
     everything = json.dumps(spans, default=str)
     assert password not in everything and query_token not in everything  # no secret reaches the trace agent
     assert "Traceback" not in worker.output and "failed to send" not in worker.output
