@@ -1,4 +1,4 @@
-"""The worker's exceptions, under one root."""
+"""The worker's exceptions, under one root, and how a handled exception lets go of what it holds."""
 
 from __future__ import annotations
 
