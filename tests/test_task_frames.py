@@ -14,7 +14,8 @@ Redis, model and moto servers, then look at every frame whose code lives in ``fo
 - strict (cyclic collector off): failures whose exceptions end in our hands (a malformed request, a model
   answering garbage, timing out or refusing connections, a retry, both hooks failing) leave no such frame
   holding locals, and no request waiting in a reference cycle for the collector (each carries a 1 MiB
-  prompt; what a collection frees afterwards must be less than half of one);
+  prompt; what a collection frees afterwards must be less than half of one), also with the S3 result
+  backend, where every task's first read is a 404 that botocore raises;
 - reachable (after a full collection): outages that botocore retries internally (STS unreachable) leave no
   such frame at all. botocore's own retry loop keeps exceptions in cycles of its frames, which also hold
   the frames that were running above it (the hook runner's) until the collector runs: that is theirs, and
@@ -156,23 +157,23 @@ def cases(model, text_model, hanging_model, closed: str) -> list[dict]:
 
 def run_child(pool: str, check: str, redis_server, model, queue: str, frame_cases: list[dict],
               **env: str) -> subprocess.CompletedProcess[str]:
-    child_env = worker_env(
-        CELERY_WORKER_POOL=pool,
-        CELERY_BROKER_URL=f"{redis_server.url}/0",
-        CELERY_RESULT_BACKEND=f"{redis_server.url}/1",
-        CELERY_QUEUE=queue,
-        FORWARDER_HEALTHCHECK_URL=f"{model.url}/readyz",
-        FORWARDER_MODEL_READ_TIMEOUT="0.5",
-        FORWARDER_RETRY_MAX="1",
+    settings = {
+        "CELERY_WORKER_POOL": pool,
+        "CELERY_BROKER_URL": f"{redis_server.url}/0",
+        "CELERY_RESULT_BACKEND": f"{redis_server.url}/1",
+        "CELERY_QUEUE": queue,
+        "FORWARDER_HEALTHCHECK_URL": f"{model.url}/readyz",
+        "FORWARDER_MODEL_READ_TIMEOUT": "0.5",
+        "FORWARDER_RETRY_MAX": "1",
         # The callback hook fails on every task: its default URL is the metadata service (refused).
-        FORWARDER_HOOKS="callback,logging",
-        FORWARDER_CALLBACK_URL="http://169.254.169.254/latest/meta-data",
-        FIREHOSE_STREAM_NAME="no-such-stream",
-        FIREHOSE_ROLE_ARN="arn:aws:iam::123456789012:role/logging",
-        FRAME_CHECK=check,
-        FRAME_CYCLES_LIMIT=str(CYCLES_LIMIT),
-        **env,
-    )
+        "FORWARDER_HOOKS": "callback,logging",
+        "FORWARDER_CALLBACK_URL": "http://169.254.169.254/latest/meta-data",
+        "FIREHOSE_STREAM_NAME": "no-such-stream",
+        "FIREHOSE_ROLE_ARN": "arn:aws:iam::123456789012:role/logging",
+        "FRAME_CHECK": check,
+        "FRAME_CYCLES_LIMIT": str(CYCLES_LIMIT),
+    }
+    child_env = worker_env(**{**settings, **env})
     return subprocess.run([sys.executable, "-c", CHILD], env=child_env, input=json.dumps(frame_cases),
                           capture_output=True, text=True, timeout=120)
 
@@ -188,6 +189,22 @@ def test_failed_tasks_retries_and_failing_hooks_leave_no_frame_holding_data(
     assert done.stdout.count("\n") == 7  # every case ran, with the expected state
     # Hooks run once a task is over: the warm-up and every case but the RETRY one.
     assert done.stderr.count("hook logging failed") == 7 and "ResourceNotFoundException" in done.stderr
+
+
+@pytest.mark.parametrize("pool", ["prefork", "gevent"])
+def test_s3_results_leave_no_frame_holding_data(pool, redis_server, model, text_model, queue, aws_env, s3_bucket):
+    # Celery reads a result before every write: with S3 every task's first read is a 404, a ClientError.
+    predict, request = f"{model.url}/predict", {"args": {"id": 1, "prompt": PROMPT}}
+    frame_cases = [
+        *({"name": f"success {i}", "model": predict, "task": TASK_NAME, "request": request, "status": "SUCCESS"}
+          for i in range(3)),
+        {"name": "non-JSON answer", "model": f"{text_model.url}/predict", "task": TASK_NAME, "request": request,
+         "status": "FAILURE"},
+    ]
+    done = run_child(pool, "strict", redis_server, model, queue, frame_cases,
+                     CELERY_RESULT_BACKEND=f"s3://{s3_bucket}/results", FORWARDER_HOOKS="")
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert done.stdout.count("\n") == 4
 
 
 @pytest.mark.parametrize("pool", ["prefork", "gevent"])
