@@ -20,8 +20,9 @@ demo: $(STAMP)  ## run the whole flow locally (prefork); POOL=gevent for the gev
 test: $(STAMP) lint  ## lint, then the whole test suite against real local servers
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP)  ## ruff (incl. B019: no lru_cache on methods)
+lint: $(STAMP)  ## ruff (incl. B019: no lru_cache on methods), then mypy on forwarder and gateways
 	$(VENV)/bin/ruff check forwarder gateways tests bench
+	$(VENV)/bin/mypy
 
 lock: $(STAMP)  ## regenerate requirements.txt and requirements-dev.txt from the .in files
 	$(VENV)/bin/pip-compile -q --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links -o requirements.txt requirements.in
@@ -34,4 +35,4 @@ soak: $(STAMP)  ## the 20,000-task memory soak with its negative controls, ~25 m
 	$(PY) -m bench.run --only soak $(BENCH_ARGS)
 
 clean:  ## remove the virtualenv and caches
-	rm -rf $(VENV) .ruff_cache .pytest_cache
+	rm -rf $(VENV) .ruff_cache .pytest_cache .mypy_cache

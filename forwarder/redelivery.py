@@ -57,7 +57,7 @@ class RestoreUnacked(bootsteps.StartStopStep):
 
     def sweep(self, c: Any) -> None:
         """One sweep; never raises (a Redis outage is retried at the next tick)."""
-        channel = getattr(c.task_consumer, "channel", None)
+        channel: Any = getattr(c.task_consumer, "channel", None)
         qos = getattr(channel, "qos", None)
         if qos is None or not hasattr(qos, "restore_visible"):
             return
