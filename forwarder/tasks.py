@@ -106,7 +106,8 @@ class ForwardTask(Task):
     Request = CheckedRequest
 
     # Expected failures (model down, malformed request) are reported in the stored result and one
-    # log line; Celery logs exceptions listed here without a traceback.
+    # log line; Celery logs exceptions listed here without a traceback (and ddtrace would not flag their
+    # spans as errors, hence ``mark_trace_error``).
     throws = (ForwarderError,)
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
