@@ -32,11 +32,12 @@ from forwarder.app import (
 )
 from forwarder.demo import producer as make_producer
 from forwarder.demo import send
+from forwarder.devservers import wait_for
 from forwarder.settings import Settings
 from forwarder.tasks import LEGACY_TASK_NAME, TASK_NAME
 from gateways import s3_backend, sqs_transport
 from gateways.s3_backend import S3ResultBackend, parse_s3_url
-from tests.support.aws import REGION, aws_client
+from tests.support.aws import REGION, assume_role_calls, aws_client, delivered_records, unique_role_arn
 
 POOLS = ["prefork", "gevent"]
 PREFIX = "results/llm"
@@ -357,3 +358,65 @@ def assert_wait_state(result, state: str, timeout: float = 20) -> None:  # noqa:
         assert time.monotonic() < deadline, f"task {result.id} is {result.state}, expected {state}"
         time.sleep(0.1)
 
+
+
+# ---------------------------------------------------------------- production shape: both hooks, all transports
+
+
+HOOKED_TASKS = 6
+CALLBACK_PASSWORD = "transport-callback-password-7"
+
+
+@pytest.mark.parametrize("pool", POOLS)
+@pytest.mark.parametrize(("broker", "backend"), [("redis", "redis"), ("redis", "s3"), ("sqs", "redis"), ("sqs", "s3")])
+def test_both_hooks_on_every_broker_and_result_backend(
+    broker, backend, pool, start_worker, moto_server, aws_env, sqs_queue, s3_bucket, firehose_stream,
+    callback_receiver, redis_server, queue, model,
+):
+    # As production runs it: callback and logging hooks on, Firehose through an assumed role.
+    role = unique_role_arn()
+    env = {
+        **aws_env,
+        "FORWARDER_HOOKS": "callback,logging",
+        "FORWARDER_CALLBACK_ALLOWED_HOSTS": "127.0.0.1",
+        "FIREHOSE_STREAM_NAME": firehose_stream["name"],
+        "FIREHOSE_ROLE_ARN": role,
+        "FORWARDER_ENDPOINT_ID": "end_transports",
+    }
+    if broker == "sqs":
+        env.update(sqs_env(sqs_queue))
+    if backend == "s3":
+        env["CELERY_RESULT_BACKEND"] = f"s3://{s3_bucket}/{PREFIX}"
+    worker = start_worker(pool, **env)
+    result_url = "s3://" if backend == "s3" else f"{redis_server.url}/1"
+    app = sqs_producer(sqs_queue, result_url) if broker == "sqs" else make_producer(f"{redis_server.url}/0", result_url)
+    if backend == "s3":
+        stock_s3(app, s3_bucket, moto_server)
+    target = sqs_queue["name"] if broker == "sqs" else queue
+    auth = {"kind": "basic", "username": "caller", "password": CALLBACK_PASSWORD}
+    try:
+        sent = []
+        for index in range(HOOKED_TASKS):
+            args = {"id": f"{broker}-{backend}-{index}"}
+            request = {"args": args, "callback_url": f"{callback_receiver.url}/done", "callback_auth": auth}
+            sent.append((args, send(app, request, LEGACY_TASK_NAME if index % 2 else TASK_NAME, queue=target)))
+        for args, result in sent:
+            assert_wrapped(result.get(timeout=30), args)
+    finally:
+        app.close()
+    ids = {result.id for _, result in sent}
+    # Every task called back once, with the caller's credentials and its own result
+    calls = callback_receiver.wait_for(HOOKED_TASKS)
+    assert {call.body["task_id"] for call in calls} == ids and len(calls) == HOOKED_TASKS
+    assert all(call.basic_auth == ("caller", CALLBACK_PASSWORD) for call in calls)
+    # Every task has one Firehose record, with no credential in it
+    records = wait_for(lambda: (found := delivered_records(moto_server, firehose_stream)) and len(found) >= HOOKED_TASKS
+                       and found, 30, f"{HOOKED_TASKS} firehose records")
+    assert {record["RESPONSE_BODY"]["task_id"] for record in records} == ids and len(records) == HOOKED_TASKS
+    assert CALLBACK_PASSWORD not in json.dumps(records)
+    # Credentials fetched once per process that ran tasks (concurrency 2: two prefork children), not per task
+    assert 1 <= assume_role_calls(moto_server, role) <= (1 if pool == "gevent" else 2)
+    worker.stop(timeout=20)
+    assert_clean(worker.output)
+    assert "hook callback failed" not in worker.output and "hook logging failed" not in worker.output
+    assert CALLBACK_PASSWORD not in worker.output

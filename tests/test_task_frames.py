@@ -78,7 +78,7 @@ CHILD = textwrap.dedent(
     gc.collect()
     gc.disable()  # strict: a frame in a reference cycle counts as kept, too
     tracemalloc.start()
-    kept = []
+    held_on_purpose = []
     for case in cases:
         status = run(case)
         print(case["name"], status)
@@ -87,7 +87,7 @@ CHILD = textwrap.dedent(
             try:
                 deps.current().model.predict({"id": "control"})
             except Exception as exc:
-                kept.append(exc)
+                held_on_purpose.append(exc)
     if not strict:
         gc.collect()
     found = [frame for frame in frames_of_ours() if frame.f_locals or not strict]
