@@ -28,10 +28,10 @@ lock: $(STAMP)  ## regenerate requirements.txt and requirements-dev.txt from the
 	$(VENV)/bin/pip-compile -q --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links -o requirements.txt requirements.in
 	$(VENV)/bin/pip-compile -q --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links -o requirements-dev.txt requirements-dev.in
 
-bench: $(STAMP)  ## pools and overhead benchmarks, ~14 min (JSON + PNG under bench/results/)
+bench: $(STAMP)  ## pools and overhead benchmarks, 8-14 min (JSON + PNG under bench/results/)
 	$(PY) -m bench.run --only pools --only overhead $(BENCH_ARGS)
 
-soak: $(STAMP)  ## the 20,000-task memory soak with its negative controls, ~25 min
+soak: $(STAMP)  ## the 20,000-task memory soak with its negative controls, 11-25 min
 	$(PY) -m bench.run --only soak $(BENCH_ARGS)
 
 clean:  ## remove the virtualenv and caches
