@@ -142,6 +142,33 @@ class QuietHandler(BaseHTTPRequestHandler):
         pass
 
 
+class _LocalHTTPServer(ThreadingHTTPServer):
+    allow_reuse_address = True  # a server restarted on its port (a model coming back) gets it at once
+    daemon_threads = True
+
+
+def serve_http(
+    handler: type[BaseHTTPRequestHandler],
+    port: int = 0,
+    *,
+    name: str,
+    prepare: Callable[[ThreadingHTTPServer], None] | None = None,
+) -> ThreadingHTTPServer:
+    """Serve ``handler`` on 127.0.0.1:``port`` (0: a free port) from a daemon thread; ``prepare`` runs first."""
+    server = _LocalHTTPServer(("127.0.0.1", port), handler)
+    if prepare is not None:
+        prepare(server)
+    threading.Thread(target=server.serve_forever, args=(0.05,), name=name, daemon=True).start()
+    return server
+
+
+def stop_http(server: ThreadingHTTPServer | None) -> None:
+    """Stop serving and close the listening socket (``None``: nothing to stop)."""
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+
+
 class _ModelHandler(QuietHandler):
     behaviour: ModelBehaviour
 
@@ -197,7 +224,6 @@ class ModelServer:
         self.port = port or free_port()
         self.behaviour = behaviour or ModelBehaviour()
         self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -205,18 +231,12 @@ class ModelServer:
 
     def start(self) -> ModelServer:
         handler = type("Handler", (_ModelHandler,), {"behaviour": self.behaviour})
-        ThreadingHTTPServer.allow_reuse_address = True
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="model-server", daemon=True)
-        self._thread.start()
+        self._server = serve_http(handler, self.port, name="model-server")
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        stop_http(self._server)
+        self._server = None
 
 
 def serve_model_forever(port: int, delay: float = 0.0) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from forwarder.devservers import QuietHandler
+from forwarder.devservers import QuietHandler, serve_http, stop_http
 
 __all__ = ["callback_receiver"]
 
@@ -91,21 +91,18 @@ class CallbackReceiver:
 
     def start(self) -> CallbackReceiver:
         handler = type("Handler", (_Handler,), {"receiver": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._server.daemon_threads = True
+        self._server = serve_http(handler, name="callback-receiver", prepare=self._wrap_tls)
+        return self
+
+    def _wrap_tls(self, server: ThreadingHTTPServer) -> None:
         if self._tls is not None:
             self._tls.sni_callback = lambda _sock, name, _ctx: self.server_names.append(name)  # type: ignore[assignment]
-            self._server.socket = self._tls.wrap_socket(self._server.socket, server_side=True)
-        server = self._server
-        threading.Thread(target=lambda: server.serve_forever(0.05), name="callback-receiver", daemon=True).start()
-        return self
+            server.socket = self._tls.wrap_socket(server.socket, server_side=True)
 
     def stop(self) -> None:
         self._release.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        stop_http(self._server)
+        self._server = None
 
     def wait_for(self, count: int = 1, timeout: float = 20) -> list[Received]:
         """Block until ``count`` requests arrived; return them all."""

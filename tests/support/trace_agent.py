@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from forwarder.devservers import QuietHandler
+from forwarder.devservers import QuietHandler, serve_http, stop_http
 
 __all__ = ["trace_agent"]
 
@@ -75,18 +75,12 @@ class TraceAgent:
         }
 
     def start(self) -> TraceAgent:
-        handler = type("Handler", (_Handler,), {"agent": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._server.daemon_threads = True
-        server = self._server
-        threading.Thread(target=lambda: server.serve_forever(0.05), name="trace-agent", daemon=True).start()
+        self._server = serve_http(type("Handler", (_Handler,), {"agent": self}), name="trace-agent")
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        stop_http(self._server)
+        self._server = None
 
     def wait_for_spans(
         self, done: Callable[[list[dict[str, Any]]], bool], timeout: float, what: str
