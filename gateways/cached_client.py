@@ -149,7 +149,7 @@ class CachedClient(Generic[T]):
             # leave it already elapsed, which would make every caller try again at once.
             self._note_failure(self._clock(), exc)
             if not usable:
-                raise  # the caller reports it, then releases it
+                raise  # nothing to fall back on: the caller reports it (the hook runner also releases it)
             logger.warning(
                 "%s: refresh failed (%s); keeping the current client, valid until %s",
                 self.name, _describe(exc), installed.expiry,  # type: ignore[union-attr]

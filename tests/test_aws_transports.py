@@ -32,12 +32,11 @@ from forwarder.app import (
 )
 from forwarder.demo import producer as make_producer
 from forwarder.demo import send
-from forwarder.devservers import wait_for
 from forwarder.settings import Settings
 from forwarder.tasks import LEGACY_TASK_NAME, TASK_NAME
 from gateways import s3_backend, sqs_transport
 from gateways.s3_backend import S3ResultBackend, parse_s3_url
-from tests.support.aws import REGION, assume_role_calls, aws_client, delivered_records, unique_role_arn
+from tests.support.aws import REGION, assume_role_calls, aws_client, unique_role_arn, wait_for_records
 
 POOLS = ["prefork", "gevent"]
 PREFIX = "results/llm"
@@ -410,8 +409,7 @@ def test_both_hooks_on_every_broker_and_result_backend(
     assert {call.body["task_id"] for call in calls} == ids and len(calls) == HOOKED_TASKS
     assert all(call.basic_auth == ("caller", CALLBACK_PASSWORD) for call in calls)
     # Every task has one Firehose record, with no credential in it
-    records = wait_for(lambda: (found := delivered_records(moto_server, firehose_stream)) and len(found) >= HOOKED_TASKS
-                       and found, 30, f"{HOOKED_TASKS} firehose records")
+    records = wait_for_records(moto_server, firehose_stream, HOOKED_TASKS)
     assert {record["RESPONSE_BODY"]["task_id"] for record in records} == ids and len(records) == HOOKED_TASKS
     assert CALLBACK_PASSWORD not in json.dumps(records)
     # Credentials fetched once per process that ran tasks (concurrency 2: two prefork children), not per task

@@ -12,13 +12,13 @@ import pytest
 from celery import Celery
 
 from forwarder.demo import send
-from forwarder.devservers import ModelServer, WorkerProcess, wait_for
+from forwarder.devservers import ModelServer, WorkerProcess
 from forwarder.hooks import HookRunner, build_hooks
 from forwarder.logging_hook import REDACTED, TRUNCATED_FIELD, LoggingHook, is_secret_key
 from forwarder.payload import error_payload
 from forwarder.settings import Settings
 from gateways.firehose import MAX_RECORD_BYTES, FirehoseGateway
-from tests.support.aws import assume_role_calls, aws_client, delivered_records, unique_role_arn
+from tests.support.aws import assume_role_calls, aws_client, delivered_records, unique_role_arn, wait_for_records
 
 SECRET = "hunter2-callback-Pa55word"
 BEARER = "Bearer abc.def-very-secret-jwt"
@@ -207,22 +207,18 @@ def test_worker_logs_every_task_once_per_process_credentials(
         **aws_env,
     )
 
-    def records_at_least(count: int) -> list[dict[str, Any]] | None:
-        found = delivered_records(moto_server, firehose_stream)
-        return found if len(found) >= count else None
-
     # Given N successful tasks
     results = [send(producer, request_with_secrets(index), queue=queue) for index in range(TASKS)]
     for result in results:
         assert result.get(timeout=30)["status_code"] == 200
-    records = wait_for(lambda: records_at_least(TASKS), 30, f"{TASKS} firehose records")
+    records = wait_for_records(moto_server, firehose_stream, TASKS)
     # And then failing ones (the model answers with a body that is not JSON)
     model.behaviour.mode = "text"
     failed = [send(producer, request_with_secrets(100 + index), queue=queue) for index in range(2)]
     for result in failed:
         result.get(timeout=30, propagate=False)
         assert result.status == "FAILURE"
-    records = wait_for(lambda: records_at_least(TASKS + 2), 30, "records of the failed tasks")
+    records = wait_for_records(moto_server, firehose_stream, TASKS + 2)
 
     # Then every task has exactly one record, with llm-engine's fields
     by_task = {record["RESPONSE_BODY"]["task_id"]: record for record in records}

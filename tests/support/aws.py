@@ -15,10 +15,10 @@ import boto3
 import pytest
 import requests
 
-from forwarder.devservers import free_port
+from forwarder.devservers import free_port, wait_for
 
 __all__ = ["moto_server", "aws_env", "aws_client", "firehose_stream", "sqs_queue", "s3_bucket",
-           "delivered_records", "assume_role_calls", "unique_role_arn", "reset_moto"]
+           "delivered_records", "wait_for_records", "assume_role_calls", "unique_role_arn", "reset_moto"]
 
 REGION = "us-east-1"
 #: Dummy credentials: moto accepts any, and nothing can reach real AWS with them.
@@ -105,6 +105,16 @@ def delivered_records(moto_url: str, stream: dict[str, str]) -> list[dict[str, A
             body = s3.get_object(Bucket=stream["bucket"], Key=item["Key"])["Body"].read().decode()
             records.extend(json.loads(line) for line in body.splitlines() if line.strip())
     return records
+
+
+def wait_for_records(moto_url: str, stream: dict[str, str], count: int, timeout: float = 30) -> list[dict[str, Any]]:
+    """Every record of ``stream`` once at least ``count`` were delivered; TimeoutError after ``timeout``."""
+
+    def enough() -> list[dict[str, Any]] | None:
+        found = delivered_records(moto_url, stream)
+        return found if len(found) >= count else None
+
+    return wait_for(enough, timeout, f"{count} firehose records")
 
 
 def assume_role_calls(moto_url: str, role_arn: str) -> int:
