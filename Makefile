@@ -21,7 +21,7 @@ test: $(STAMP) lint  ## lint, then the whole test suite against real local serve
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)  ## ruff (incl. B019: no lru_cache on methods), then mypy on forwarder and gateways
-	$(VENV)/bin/ruff check forwarder gateways tests bench
+	$(VENV)/bin/ruff check forwarder gateways devtools tests bench
 	$(VENV)/bin/mypy
 
 lock: $(STAMP)  ## regenerate requirements.txt and requirements-dev.txt from the .in files

@@ -2,7 +2,7 @@
 
 Each run starts its own servers (Redis-protocol server, model server(s), moto with a Firehose stream, a
 callback receiver: each in its own process) and launches workers as production does (``python -m
-forwarder`` through ``forwarder.devservers.WorkerProcess``). Each measured configuration gets a fresh
+forwarder`` through ``devtools.servers.WorkerProcess``). Each measured configuration gets a fresh
 worker and queue; its tasks are queued BEFORE the worker starts (a backlog: the worker, not the
 producer, is the bottleneck), and completions are timed from the result backend's own pub/sub
 messages. Throughput counts the completions between 10 % and 90 % of the tasks (no start-up, no tail).
@@ -41,7 +41,7 @@ from typing import Any
 import psutil
 
 from bench.servers import ROLE_ARN, Stack
-from forwarder.devservers import WorkerProcess, worker_env
+from devtools.servers import WorkerProcess, worker_env
 from forwarder.tasks import TASK_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,7 +208,7 @@ class Completions:
 
 def queue_tasks(stack: Stack, queue: str, count: int) -> float:
     """Queue ``count`` tasks as llm-engine's gateway sends them; returns the tasks/s of sending."""
-    from forwarder.demo import producer
+    from devtools.demo import producer
 
     app = producer(f"{stack.redis.url}/0", "disabled://")  # no result subscriptions in the producer
     started = time.monotonic()

@@ -1,7 +1,7 @@
 """The servers a benchmark run needs, each in its own process so none shares the GIL with the bench client.
 
-- Redis-protocol server: ``forwarder.devservers.RedisServer`` (already a subprocess).
-- Model servers: ``forwarder.devservers.serve_model_forever``, one process per latency.
+- Redis-protocol server: ``devtools.servers.RedisServer`` (already a subprocess).
+- Model servers: ``devtools.servers.serve_model_forever``, one process per latency.
 - moto (STS, S3, Firehose): ``moto.server.ThreadedMotoServer``; a Firehose stream with an S3 destination.
 - Callback receiver: answers 200 to every POST and counts them (``GET /count``).
 
@@ -24,7 +24,7 @@ from typing import Any
 
 import requests
 
-from forwarder.devservers import RedisServer, free_port, serve_model_forever, wait_for
+from devtools.servers import RedisServer, free_port, serve_model_forever, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 REGION = "us-east-1"

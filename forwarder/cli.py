@@ -44,8 +44,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     args = parser().parse_args(argv)
     env = os.environ if environ is None else environ
     if args.command == "demo":
-        from forwarder.demo import run_demo
-
+        try:  # dev tooling: in a source checkout, never in the image
+            from devtools.demo import run_demo
+        except ImportError:
+            print("forwarder: the demo needs a source checkout (devtools/ is not installed here)", file=sys.stderr)
+            return EXIT_CONFIG
         return run_demo(pool=args.pool, tasks=args.tasks)
     try:
         settings = Settings.from_env(env)

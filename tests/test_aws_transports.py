@@ -23,6 +23,8 @@ import pytest
 from celery import Celery
 from celery.backends.s3 import S3Backend
 
+from devtools.demo import producer as make_producer
+from devtools.demo import send
 from forwarder.app import (
     broker_transport_options,
     build_app,
@@ -30,8 +32,6 @@ from forwarder.app import (
     result_backend_class,
     sqs_queue_region,
 )
-from forwarder.demo import producer as make_producer
-from forwarder.demo import send
 from forwarder.settings import Settings
 from forwarder.tasks import LEGACY_TASK_NAME, TASK_NAME
 from gateways import s3_backend, sqs_transport

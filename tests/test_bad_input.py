@@ -18,7 +18,7 @@ import pytest
 from celery import Celery
 from kombu import Connection, Exchange, Producer
 
-from forwarder.devservers import ModelServer, RedisServer, free_port, wait_for
+from devtools.servers import ModelServer, RedisServer, free_port, wait_for
 from forwarder.tasks import TASK_NAME
 from tests.support.aws import aws_client
 from tests.support.faults import *  # noqa: F403  (helpers and fixtures)

@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 import gateways.callback as callback_module
+from devtools.demo import send
+from devtools.servers import free_port, wait_for
 from forwarder.callback_hook import CallbackAuthError, CallbackHook
-from forwarder.demo import send
-from forwarder.devservers import free_port, wait_for
 from forwarder.errors import HookError
 from forwarder.hooks import HookRunner
 from forwarder.settings import Settings

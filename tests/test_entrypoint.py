@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from forwarder.devservers import worker_env
+from devtools.servers import worker_env
 from forwarder.settings import VARS
 
 # A bad value for every variable that is validated (free-text ones accept anything).

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from forwarder.devservers import ModelServer, free_port, wait_for
+from devtools.servers import ModelServer, free_port, wait_for
 from forwarder.tasks import LEGACY_TASK_NAME, TASK_NAME
 from tests.support.faults import *  # noqa: F403  (helpers and fixtures)
 from tests.support.faults import (

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import requests
 
-from forwarder.devservers import free_port
+from devtools.servers import free_port
 from forwarder.settings import Settings
 from gateways.firehose import (
     MAX_RECORD_BYTES,

@@ -25,8 +25,8 @@ import requests
 from celery import Celery
 from celery.result import AsyncResult
 
-from forwarder.demo import send
-from forwarder.devservers import WorkerProcess, wait_for
+from devtools.demo import send
+from devtools.servers import WorkerProcess, wait_for
 from gateways.cached_client import CachedClient, ClientUnavailable
 from tests.support.aws import assume_role_calls, aws_client, delivered_records, unique_role_arn
 from tests.support.faulty_proxy import FaultyProxy, Hit

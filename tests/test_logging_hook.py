@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from forwarder.demo import send
-from forwarder.devservers import ModelServer, WorkerProcess
+from devtools.demo import send
+from devtools.servers import ModelServer, WorkerProcess
 from forwarder.hooks import HookRunner, build_hooks
 from forwarder.logging_hook import REDACTED, TRUNCATED_FIELD, LoggingHook, is_secret_key
 from forwarder.payload import error_payload

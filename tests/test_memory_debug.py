@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from forwarder.demo import send
-from forwarder.devservers import wait_for, worker_env
+from devtools.demo import send
+from devtools.servers import wait_for, worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
 INTERVAL = 1.0

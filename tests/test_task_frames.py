@@ -32,7 +32,7 @@ import textwrap
 
 import pytest
 
-from forwarder.devservers import ModelServer, free_port, worker_env
+from devtools.servers import ModelServer, free_port, worker_env
 from forwarder.tasks import LEGACY_TASK_NAME, TASK_NAME
 
 CHILD = textwrap.dedent(

@@ -9,8 +9,8 @@ import time
 import pytest
 import redis
 
-from forwarder.demo import send
-from forwarder.devservers import free_port, wait_for
+from devtools.demo import send
+from devtools.servers import free_port, wait_for
 from forwarder.tasks import LEGACY_TASK_NAME, TASK_NAME
 
 POOLS = ["prefork", "gevent"]

@@ -15,7 +15,7 @@ import boto3
 import pytest
 import requests
 
-from forwarder.devservers import free_port, wait_for
+from devtools.servers import free_port, wait_for
 
 __all__ = ["moto_server", "aws_env", "aws_client", "firehose_stream", "sqs_queue", "s3_bucket",
            "delivered_records", "wait_for_records", "assume_role_calls", "unique_role_arn", "reset_moto"]

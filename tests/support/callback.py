@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from forwarder.devservers import QuietHandler, serve_http, stop_http
+from devtools.servers import QuietHandler, serve_http, stop_http
 
 __all__ = ["callback_receiver"]
 

@@ -20,8 +20,8 @@ import redis
 import requests
 from celery import Celery
 
-from forwarder.demo import producer as make_producer
-from forwarder.devservers import ModelServer, RedisServer, WorkerProcess, wait_for, worker_env
+from devtools.demo import producer as make_producer
+from devtools.servers import ModelServer, RedisServer, WorkerProcess, wait_for, worker_env
 from forwarder.tasks import TASK_NAME
 from tests.support.aws import REGION, aws_client
 
@@ -121,7 +121,7 @@ class ModelProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ModelProcess:
-        code = f"from forwarder.devservers import serve_model_forever; serve_model_forever({self.port})"
+        code = f"from devtools.servers import serve_model_forever; serve_model_forever({self.port})"
         self.process = subprocess.Popen([sys.executable, "-c", code], env=worker_env())
         wait_for(lambda: _ready(self.port), 20, f"model process on port {self.port}")
         return self

@@ -30,7 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from forwarder.devservers import QuietHandler, free_port
+from devtools.servers import QuietHandler, free_port
 
 __all__ = ["faulty_proxy", "FaultyProxy", "Hit"]
 

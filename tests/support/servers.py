@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from celery import Celery
 
-from forwarder.demo import producer as make_producer
-from forwarder.devservers import ModelServer, RedisServer, WorkerProcess, worker_env
+from devtools.demo import producer as make_producer
+from devtools.servers import ModelServer, RedisServer, WorkerProcess, worker_env
 
 __all__ = ["redis_server", "model_server", "model", "queue", "producer", "start_worker", "base_env"]
 

@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from forwarder.devservers import QuietHandler, serve_http, stop_http
+from devtools.servers import QuietHandler, serve_http, stop_http
 
 __all__ = ["trace_agent"]
 

@@ -12,7 +12,7 @@ from datetime import datetime
 
 from celery import Celery
 
-from forwarder.devservers import ModelServer, RedisServer, WorkerProcess, worker_env
+from devtools.servers import ModelServer, RedisServer, WorkerProcess, worker_env
 from forwarder.tasks import LEGACY_TASK_NAME, TASK_NAME
 
 QUEUE = "demo-endpoint"
