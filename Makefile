@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help demo demo-gevent test lint lock bench soak clean
+.PHONY: help demo demo-gevent test test-fast lint lock bench soak clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
@@ -20,7 +20,10 @@ demo: $(STAMP)  ## run the whole flow locally (prefork); POOL=gevent for the gev
 test: $(STAMP) lint  ## lint, then the whole test suite against real local servers
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP)  ## ruff (incl. B019: no lru_cache on methods), then mypy on forwarder and gateways
+test-fast: $(STAMP)  ## the in-process half of the suite (no server, no worker), in seconds
+	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+lint: $(STAMP)  ## ruff (incl. B019: no lru_cache on methods), then mypy on forwarder, gateways and devtools
 	$(VENV)/bin/ruff check forwarder gateways devtools tests bench
 	$(VENV)/bin/mypy
 

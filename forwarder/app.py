@@ -6,11 +6,11 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from celery import Celery, signals
+from celery import Celery
 
 from forwarder import tasks
-from forwarder.errors import ModelConnectionError
 from forwarder.settings import Settings
+from gateways.model_server import ModelConnectionError
 
 #: Seconds to open a connection to Redis (broker and results) before failing over to a retry.
 REDIS_CONNECT_TIMEOUT = 5.0
@@ -34,8 +34,6 @@ def build_app(settings: Settings) -> Celery:
         # worker is configured by) win over the app's configuration. backend_cls wins over both.
         app.backend_cls = backend
     register_tasks(app, settings)
-    # Once per process whatever the number of apps (dispatch_uid); before the worker builds its tracers.
-    signals.task_postrun.connect(tasks.release_task_exception, weak=False, dispatch_uid="forwarder.release")
     return app
 
 

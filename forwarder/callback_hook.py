@@ -19,7 +19,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from forwarder.errors import HookError
-from forwarder.settings import Settings
 from gateways.callback import CallbackClient
 
 logger = logging.getLogger(__name__)
@@ -47,23 +46,6 @@ class CallbackHook:
         self.default_auth = default_auth
         #: Sent as basic (user_id, "") for auth kinds other than "basic", as llm-engine does.
         self.user_id = user_id
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> CallbackHook:
-        """The hook as configured by FORWARDER_CALLBACK_* (no I/O: the client connects lazily)."""
-        client = CallbackClient(
-            timeout=settings.callback_timeout,
-            attempts=settings.callback_attempts,
-            allowed_hosts=settings.callback_allowed_hosts,
-            pool_size=max(1, settings.concurrency),
-        )
-        has_default = bool(settings.callback_username or settings.callback_password)
-        return cls(
-            client,
-            default_url=settings.callback_url,
-            default_auth=(settings.callback_username, settings.callback_password) if has_default else None,
-            user_id=settings.callback_username,
-        )
 
     def __call__(self, request: Mapping[str, Any], response: dict[str, Any], task_id: str) -> None:
         """Send ``response`` (it already carries ``task_id``) to the callback URL, if there is one.

@@ -12,9 +12,10 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from forwarder import __version__
-from forwarder.errors import ConfigError, ModelNotReady
+from forwarder.errors import ConfigError
 from forwarder.pool_bootstrap import EXIT_CONFIG
 from forwarder.settings import Settings, describe
+from gateways.model_server import ModelNotReady
 
 EXIT_NOT_READY = 3
 logger = logging.getLogger("forwarder")

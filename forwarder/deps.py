@@ -1,26 +1,34 @@
-"""The collaborators a task needs, built once per process from the settings (no I/O at build time).
+"""What a task uses, built from the settings in one place, once per process (no I/O at build time).
 
-``install`` runs in the worker's main process before the pool starts; prefork children inherit the
-objects by fork, and every network client inside them is a ``CachedClient``, which a child rebuilds
-for itself on first use (never the parent's sockets or credentials).
+This is the only module that turns settings into gateways: the gateways take plain arguments and know
+nothing of ``Settings``. ``install`` runs in the worker's main process before the pool starts; prefork
+children inherit the objects by fork, and every network client inside them is a ``CachedClient``, which
+a child rebuilds for itself on first use (never the parent's sockets or credentials).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
-from forwarder.hooks import HookRunner, build_hooks
-from forwarder.model_client import ModelClient
+from forwarder.callback_hook import CallbackHook
+from forwarder.extensions import Extensions, default_extensions
+from forwarder.hooks import Hook, HookRunner
+from forwarder.logging_hook import LoggingHook
 from forwarder.settings import Settings
+from gateways.callback import CallbackClient
+from gateways.firehose import FirehoseGateway
+from gateways.model_server import ModelClient
 
 
 @dataclass(frozen=True)
 class Deps:
-    """What tasks use: settings, the model client and the hook runner."""
+    """What tasks use: settings, the model client, the hook runner and the extensions."""
 
     settings: Settings
     model: ModelClient
     hooks: HookRunner
+    extensions: Extensions
 
 
 _current: Deps | None = None
@@ -28,14 +36,72 @@ _current: Deps | None = None
 
 def build_deps(settings: Settings) -> Deps:
     """Build the task collaborators (cheap: clients connect lazily)."""
-    model = ModelClient(
+    return Deps(
+        settings=settings,
+        model=model_client(settings),
+        hooks=HookRunner([build_hook(name, settings) for name in settings.hooks]),
+        extensions=default_extensions(),
+    )
+
+
+def model_client(settings: Settings) -> ModelClient:
+    """The model server's client: FORWARDER_MODEL_URL, FORWARDER_HEALTHCHECK_URL and their timeouts."""
+    return ModelClient(
         settings.model_url,
         settings.healthcheck_url,
         connect_timeout=settings.model_connect_timeout,
         read_timeout=settings.model_read_timeout,
         pool_size=settings.concurrency,
     )
-    return Deps(settings=settings, model=model, hooks=build_hooks(settings))
+
+
+def build_hook(name: str, settings: Settings) -> Hook:
+    """One post-inference hook by name (names were validated with the settings)."""
+    if name == "callback":
+        return callback_hook(settings)
+    if name == "logging":
+        return logging_hook(settings)
+    raise ValueError(f"unknown hook {name!r}")
+
+
+def callback_hook(settings: Settings) -> CallbackHook:
+    """The callback hook as configured by FORWARDER_CALLBACK_*."""
+    client = CallbackClient(
+        timeout=settings.callback_timeout,
+        attempts=settings.callback_attempts,
+        allowed_hosts=settings.callback_allowed_hosts,
+        pool_size=max(1, settings.concurrency),
+    )
+    has_default = bool(settings.callback_username or settings.callback_password)
+    return CallbackHook(
+        client,
+        default_url=settings.callback_url,
+        default_auth=(settings.callback_username, settings.callback_password) if has_default else None,
+        user_id=settings.callback_username,
+    )
+
+
+def firehose_gateway(settings: Settings) -> FirehoseGateway:
+    """The Firehose gateway for FIREHOSE_STREAM_NAME and its role, session, leeway and pool settings."""
+    return FirehoseGateway(
+        settings.firehose_stream_name,
+        role_arn=settings.firehose_role_arn,
+        session_duration=settings.firehose_session_duration,
+        leeway=timedelta(seconds=settings.firehose_refresh_leeway),
+        max_pool_connections=settings.firehose_pool_size,
+    )
+
+
+def logging_hook(settings: Settings) -> LoggingHook:
+    """The logging hook for the configured stream and endpoint identity."""
+    return LoggingHook(
+        firehose_gateway(settings),
+        endpoint_id=settings.endpoint_id,
+        endpoint_name=settings.endpoint_name,
+        endpoint_type=settings.endpoint_type,
+        bundle_id=settings.bundle_id,
+        labels=settings.labels,
+    )
 
 
 def install(deps: Deps) -> None:

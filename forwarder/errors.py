@@ -1,8 +1,10 @@
-"""The worker's exceptions, under one root, and how a handled exception lets go of what it holds."""
+"""The worker's own exceptions, under one root, ``ForwarderError``.
+
+The gateways have theirs (``gateways.errors.GatewayError``): with one root per package, a hook runner or a
+metric tells "ours, expected" (either root) from a bug (anything else) by type.
+"""
 
 from __future__ import annotations
-
-import traceback
 
 
 class ForwarderError(Exception):
@@ -25,44 +27,5 @@ class MalformedRequest(ForwarderError):
     """The task's arguments are not a request the forwarder can send (fails before any HTTP call)."""
 
 
-class ModelNotReady(ForwarderError):
-    """The model server did not become ready within FORWARDER_READY_TIMEOUT."""
-
-
-class ModelConnectionError(ForwarderError):
-    """The model server could not be reached (refused, reset, connect timeout): the task is retried."""
-
-
-class ModelTimeout(ForwarderError):
-    """The model server accepted the request but did not answer within FORWARDER_MODEL_READ_TIMEOUT."""
-
-
-class ModelResponseError(ForwarderError):
-    """The model server answered with a body that is not JSON."""
-
-
 class HookError(ForwarderError):
     """A post-inference hook failed (logged and counted; never changes the task's result)."""
-
-
-def release_exception(exc: BaseException | None) -> None:
-    """Free what an exception holds once it has been handled (logged, stored, retried).
-
-    A traceback keeps every frame it passed through alive, with their locals: the request, the model's
-    answer, a response buffer. ``except ... as exc`` followed by ``raise Other(...) from exc`` also leaves a
-    cycle (frame -> exc -> traceback -> frame) that only the cyclic collector frees, late (a gen-2 pass),
-    so one failed task's buffers could outlive it by minutes. This clears the finished frames of the
-    exception and of every exception chained to it (``__cause__``, ``__context__``) and drops the
-    tracebacks. Frames still running (the caller's) are left alone. Celery's own clearing
-    (``celery.app.trace.traceback_clear``) covers only the outermost traceback.
-    """
-    pending = [exc]
-    seen: set[int] = set()
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        traceback.clear_frames(current.__traceback__)
-        current.__traceback__ = None
-        pending += (current.__cause__, current.__context__)

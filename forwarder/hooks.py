@@ -12,8 +12,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from forwarder.errors import release_exception
-from forwarder.settings import Settings
+from gateways.errors import release_exception
 
 logger = logging.getLogger(__name__)
 
@@ -59,18 +58,3 @@ class HookRunner:
 
     def close(self) -> None:
         """Release what the hooks hold (clients are closed by the process-wide client cache)."""
-
-
-def build_hooks(settings: Settings) -> HookRunner:
-    """The hooks named by FORWARDER_HOOKS, in order (names were validated with the settings)."""
-    hooks: list[Hook] = []
-    for name in settings.hooks:
-        if name == "callback":
-            from forwarder.callback_hook import CallbackHook
-
-            hooks.append(CallbackHook.from_settings(settings))
-        elif name == "logging":
-            from forwarder.logging_hook import LoggingHook
-
-            hooks.append(LoggingHook.from_settings(settings))
-    return HookRunner(hooks)

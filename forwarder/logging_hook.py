@@ -24,7 +24,6 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from forwarder.settings import Settings
 from gateways.cached_client import utcnow
 from gateways.firehose import MAX_RECORD_BYTES, FirehoseGateway, encode_record
 
@@ -159,11 +158,11 @@ class LoggingHook:
         self,
         gateway: FirehoseGateway,
         *,
-        endpoint_id: str = "",
-        endpoint_name: str = "",
-        endpoint_type: str = "async",
-        bundle_id: str = "",
-        labels: Mapping[str, Any] | None = None,
+        endpoint_id: str,
+        endpoint_name: str,
+        endpoint_type: str,
+        bundle_id: str,
+        labels: Mapping[str, Any],
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.gateway = gateway
@@ -171,20 +170,8 @@ class LoggingHook:
         self.endpoint_name = endpoint_name
         self.endpoint_type = endpoint_type
         self.bundle_id = bundle_id
-        self.labels = dict(labels or {})
+        self.labels = dict(labels)
         self._clock = clock
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> LoggingHook:
-        """The hook for the configured stream and endpoint identity (no I/O: the client is built lazily)."""
-        return cls(
-            FirehoseGateway.from_settings(settings),
-            endpoint_id=settings.endpoint_id,
-            endpoint_name=settings.endpoint_name,
-            endpoint_type=settings.endpoint_type,
-            bundle_id=settings.bundle_id,
-            labels=settings.labels,
-        )
 
     def __call__(self, request: Mapping[str, Any], response: dict[str, Any], task_id: str) -> None:
         """Build the record for ``task_id`` and put it; raises (for the HookRunner to log) if the put fails."""

@@ -1,54 +1,10 @@
 """Memory diagnostics (``FORWARDER_MEMORY_DEBUG=1``): per-process allocation tracing and periodic dumps.
 
-``start_memory_debug(settings)`` runs in every worker process: the main process (Celery's
-``worker_init``) and each prefork child (``worker_process_init``). It starts ``tracemalloc`` in that
-process, then logs one dump per process every ``FORWARDER_MEMORY_DEBUG_INTERVAL`` seconds and whenever
-the process receives ``SIGUSR2``.
-
-Each dump is ONE log record (logger ``forwarder.memory``, always emitted at INFO even when
-``CELERY_LOG_LEVEL`` is higher) whose first line is the greppable marker::
-
-    memory dump pid=<pid> reason=<interval|signal> seq=<n> ppid=<ppid> took_ms=<ms>
-      rss_mb=... rss_anon_mb=... rss_file_mb=... tracked_mb=... tracked_peak_mb=... untracked_mb=... tracemalloc_self_mb=...
-      hint: ...one line on how to read the gap...
-      in_flight=<n> started=<n> finished=<n>
-      top <N> allocation sites (size, blocks, file:line):
-        <size> MB  <count> blocks  <file>:<line>
-        ...
-      end memory dump pid=<pid>
-
-How to read it: ``tracked`` is what Python allocated since tracing started in this process and still
-holds (tracemalloc's current size; imports done before ``worker_init`` are not in it). ``untracked`` =
-RSS - tracked: the interpreter and modules loaded before tracing, shared libraries (``rss_file``), C
-extensions (OpenSSL, libcurl, ...), tracemalloc's own tables (``tracemalloc_self``) and memory the
-allocator holds but Python freed (fragmentation, per-thread arenas). Compare dumps over time: tracked
-growing points at the Python allocation sites listed; untracked growing with tracked flat points at
-native memory or allocator fragmentation (``MALLOC_ARENA_MAX=2`` or jemalloc, see bench/README.md).
-
-Signal choice: Celery already owns ``SIGUSR1`` (it logs every thread's stack) and resets it to the
-default in prefork children; ``SIGUSR2`` is free unless ``CELERY_RDBSIG`` is set (then Celery's remote
-debugger takes it in the main process). Send it to the process to inspect: to a prefork child, that
-child dumps; to the main process, the main process dumps. Without ``FORWARDER_MEMORY_DEBUG`` no handler
-is installed: the worker ignores SIGUSR2 (its default action would terminate the process).
-
-How it runs:
-- The signal handler only records that a dump was asked for and wakes the dumper (a byte written to a
-  pipe, or a gevent event); it never logs or allocates much.
-- prefork (and any process without gevent): a daemon thread per process sleeping on that pipe with
-  the interval as timeout. Threads do not survive ``fork``, which is why each child starts its own in
-  ``worker_process_init``; a child also drops the state it inherited from the main process
-  (``os.register_at_fork``), so a signal delivered before its own start is ignored, never sent to the
-  parent's pipe. Traces inherited through fork stay: they are real memory of the child too.
-- gevent: a greenlet waits on a gevent event (woken by ``gevent.signal_handler``), and runs the CPU-heavy
-  part (snapshot, statistics) in gevent's native thread pool so the hub keeps switching greenlets
-  (interleaving on the GIL) instead of stalling for the whole dump; the record is logged from the
-  greenlet. Measured with 260,000 live traces: a 1.4 s dump stalled the hub 1.4 s when run in a greenlet,
-  at most 0.26 s (the C-level snapshot copy, which holds the GIL) from the thread pool. A worker traces
-  ~15,000 blocks (imports happen before tracing starts): dumps take ~0.1-0.3 s there.
-
-Cost while enabled: tracemalloc slows allocation-heavy code (often 1.5-2x) and adds roughly a third to
-the memory of traced blocks; a snapshot briefly copies every trace. It is a diagnostic switch, not a
-production default. This module imports only the standard library at import time.
+``start_memory_debug(settings)`` starts ``tracemalloc`` in the calling process and logs one dump (one
+record, logger ``forwarder.memory``, at INFO whatever the log level) every interval and on SIGUSR2.
+Guarantees: the signal handler only wakes the dumper; under gevent the heavy part runs in gevent's
+thread pool, so the hub keeps switching; a forked child never uses its parent's dumper; nothing but the
+standard library is imported. How to read a dump: docs/MEMORY.md.
 """
 
 from __future__ import annotations
@@ -131,7 +87,6 @@ def start_memory_debug(settings: Any) -> None:
         mode="gevent" if _gevent_active() else "thread",
     )
     _state = state
-    _connect_task_signals()
     if state.mode == "gevent":
         _start_gevent(state)
     else:
@@ -145,22 +100,16 @@ def start_memory_debug(settings: Any) -> None:
 # ---------------------------------------------------------------------------------- in-flight tasks
 
 
-def _connect_task_signals() -> None:
-    from celery import signals
-
-    # dispatch_uid: connecting again in a forked child (which inherits the receivers) is a no-op.
-    signals.task_prerun.connect(_task_started, weak=False, dispatch_uid="forwarder.memory.prerun")
-    signals.task_postrun.connect(_task_finished, weak=False, dispatch_uid="forwarder.memory.postrun")
-
-
-def _task_started(task_id: str | None = None, **_: Any) -> None:
+def task_started(task_id: str) -> None:
+    """Count a task as in flight in this process (for the dumps)."""
     state = _state
     if state is not None and state.pid == os.getpid():
         state.in_flight.add(str(task_id))
         state.started += 1
 
 
-def _task_finished(task_id: str | None = None, **_: Any) -> None:
+def task_finished(task_id: str) -> None:
+    """Count a task as finished in this process."""
     state = _state
     if state is not None and state.pid == os.getpid():
         state.in_flight.discard(str(task_id))

@@ -4,24 +4,23 @@ Producers send ``[request_dict, arrival_timestamp, *ignored]`` (llm-engine alway
 ``return_pickled``) plus optional tracing kwargs, under either of two names; both run the same body
 and both retry connection failures with bounded exponential backoff (llm-engine's legacy name never
 retried). After the result is stored, ``ForwardTask.after_return`` rewrites a failure into llm-engine's
-error meta and runs the post-inference hooks.
+error meta and runs the post-inference hooks (the whole sequence: ``forwarder.extensions``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 from typing import Any
 
 from celery import Task, states
-from celery.exceptions import InvalidTaskError, Reject, Retry
-from celery.worker import state as worker_state
+from celery.exceptions import InvalidTaskError
 from celery.worker.request import Request
 
 from forwarder import deps
-from forwarder.errors import ForwarderError, MalformedRequest, release_exception
+from forwarder.errors import ForwarderError, MalformedRequest
 from forwarder.payload import error_payload, format_trace, plan_request, shape_result
+from gateways.errors import GatewayError, release_exception
 
 logger = logging.getLogger(__name__)
 
@@ -107,38 +106,30 @@ class ForwardTask(Task):
 
     # Expected failures (model down, malformed request) are reported in the stored result and one
     # log line; Celery logs exceptions listed here without a traceback (and ddtrace would not flag their
-    # spans as errors, hence ``mark_trace_error``).
-    throws = (ForwarderError,)
+    # spans as errors, hence the FlagFailuresInTrace extension).
+    throws = (ForwarderError, GatewayError)
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
-        """Hand a task back to the queue, unrun, if this worker is already shutting down.
-
-        Under gevent, Celery's synchronous consumer keeps starting tasks it reserved (and even takes new
-        ones) while a warm shutdown waits for the running ones; each would hold the pod up to a whole
-        task longer and be cut by the kill at the end of the grace period. prefork starts none.
-        """
-        if worker_state.should_stop is not None or worker_state.should_terminate is not None:
-            raise Reject("worker shutting down: handed back to the queue unrun", requeue=True)
+        """The extensions' ``before_task``, in order (one may hand the message back with ``Reject``)."""
+        deps.current().extensions.before_task(self, task_id)
 
     def after_return(
         self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any
     ) -> None:
-        """Store llm-engine's error meta on failure, then run the hooks; never raises.
+        """Store llm-engine's error meta on failure, run the hooks, then the extensions' ``after_task``.
 
-        Anything raised here would be a Celery "internal error" that overwrites a stored SUCCESS,
-        so every step is guarded.
+        Never raises: anything raised here would be a Celery "internal error" that overwrites a stored
+        SUCCESS, so every step is guarded.
         """
+        current = deps.current()
         request = args[0] if args else None
         try:
-            if status == states.FAILURE and isinstance(retval, BaseException):
-                mark_trace_error(retval)
-                response: Any = self._store_failure(task_id, retval)
-            else:
-                response = retval
-            deps.current().hooks.run(request, response, task_id)
+            response = self._store_failure(task_id, retval) if _failed(status, retval) else retval
+            current.hooks.run(request, response, task_id)
         except Exception as exc:
             logger.error("after-return handling failed for task %s: %s: %s", task_id, type(exc).__name__, exc)
             release_exception(exc)
+        current.extensions.after_task(self, task_id, status, retval)
 
     def _store_failure(self, task_id: str, exc: BaseException) -> dict[str, str]:
         """Overwrite Celery's failure meta with llm-engine's.
@@ -148,34 +139,5 @@ class ForwardTask(Task):
         return store_failure(self.backend, task_id, exc, request=self.request)
 
 
-def mark_trace_error(exc: BaseException) -> None:
-    """Under ``ddtrace-run``, flag the running task's span as an error, with the exception's type and stack.
-
-    ddtrace's Celery integration leaves a failure unflagged when the task lists it in ``Task.throws``
-    (Celery's "expected" failures, logged in one line without a traceback), which every ForwarderError
-    is: a worker whose every task failed would show no error in APM. Nothing is imported or done when
-    ddtrace is not already loaded (plain ``python -m forwarder``) or not tracing.
-    """
-    trace = sys.modules.get("ddtrace.trace")
-    span = trace.tracer.current_root_span() if trace is not None else None
-    if span is not None:
-        span.set_exc_info(type(exc), exc, exc.__traceback__)
-
-
-def release_task_exception(retval: Any = None, **_: Any) -> None:
-    """``task_postrun`` receiver: once a task is over, free the exception it ended with.
-
-    Postrun comes after everything that reads the exception (the stored failure and its traceback,
-    ``after_return`` and the hooks, Celery's retry message, the failure and retry signals that tracing
-    reads) and, unlike ``after_return``, also after a RETRY. Without it every failed or retried task left
-    its frames (request, model answer) in reference cycles for the cyclic collector (tests/test_task_frames.py).
-    """
-    if isinstance(retval, BaseException):
-        release_exception(retval)
-    if isinstance(retval, Retry):
-        release_exception(retval.exc)  # the failure that caused it
-        # Celery's Retry passes itself into its own args: a reference cycle that kept ``sig``, the retried
-        # task's signature with its whole request, until the cyclic collector ran (one per retry, so a
-        # model outage piled them up). Nothing reads args or sig once the retry message is sent.
-        retval.args = tuple(arg for arg in retval.args if arg is not retval)
-        retval.sig = None
+def _failed(status: str, retval: Any) -> bool:
+    return status == states.FAILURE and isinstance(retval, BaseException)

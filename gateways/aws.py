@@ -77,8 +77,11 @@ def make_client(
     connect_timeout: float = CONNECT_TIMEOUT,
     read_timeout: float = READ_TIMEOUT,
     max_attempts: int = MAX_ATTEMPTS,
+    endpoint_url: str | None = None,
 ) -> Any:
     """A boto3 client for ``service``, from ``session`` (default: a new one) and optional explicit credentials.
+
+    ``endpoint_url`` overrides botocore's own resolution (``AWS_ENDPOINT_URL[_<SERVICE>]``, then AWS).
 
     Raises:
         botocore.exceptions.NoRegionError: no region is configured (AWS_REGION / AWS_DEFAULT_REGION).
@@ -95,4 +98,4 @@ def make_client(
         read_timeout=read_timeout,
         max_attempts=max_attempts,
     )
-    return session.client(service, config=config, **extra)
+    return session.client(service, config=config, endpoint_url=endpoint_url, **extra)

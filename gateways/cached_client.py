@@ -1,9 +1,7 @@
 """One client per process and credential set: built lazily, rebuilt before it expires, closed at exit.
 
-Incident (the reason this project exists): a worker built an STS session, assumed a role and built a
-new Firehose client on every task; under long-lived prefork children that churn grew memory until
-the pod was OOM-killed. Every client the worker holds (HTTP sessions, STS, Firehose, S3) goes through
-``CachedClient`` so it is built once per process, never per task.
+Every client the worker holds (HTTP sessions, Firehose, S3) goes through ``CachedClient``, so it is
+built once per process, never per task.
 
 Rules kept here:
 - ``build`` is pure: it returns ``(client, expiry)`` and touches no state. The cache installs both
@@ -16,8 +14,9 @@ Rules kept here:
   behind network I/O).
 - The rebuild starts ``leeway`` before the expiry, but never later than half-way through the client's
   lifetime, so a leeway as long as the credentials' lifetime cannot turn into one build per call.
-- Fork safety: after ``os.fork`` the child forgets every cached client (the parent's sockets and
-  credentials are never used by a child) and gets fresh locks.
+- Fork safety: each cache remembers the process that filled it. In a forked child the first call
+  forgets the parent's client (its sockets and credentials are never used, nor closed, by the child)
+  and starts over with a fresh lock, as redis-py's connection pools do. No at-fork hook is needed.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
 
-from forwarder.errors import release_exception
+from gateways.errors import GatewayError, release_exception
 
 T = TypeVar("T")
 Clock = Callable[[], datetime]
@@ -40,7 +39,7 @@ logger = logging.getLogger(__name__)
 _ALL: weakref.WeakSet[CachedClient[object]] = weakref.WeakSet()
 
 
-class ClientUnavailable(RuntimeError):
+class ClientUnavailable(GatewayError):
     """No usable client: the last build failed and the backoff has not elapsed yet."""
 
 
@@ -90,6 +89,7 @@ class CachedClient(Generic[T]):
         _ALL.add(self)  # type: ignore[arg-type]
 
     def _reset(self) -> None:
+        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._installed: _Installed[T] | None = None
         self._failures = 0
@@ -97,10 +97,14 @@ class CachedClient(Generic[T]):
         #: What the last failed build raised, as text: never the exception, whose traceback would keep the
         #: frames of the task that triggered the build (its request and answer) alive until the next build.
         self._last_failure = ""
-        #: How many builds succeeded in this process (for tests and diagnostics).
-        self.builds = 0
+        self._builds = 0
 
     # ------------------------------------------------------------------------------ public API
+
+    @property
+    def builds(self) -> int:
+        """How many builds succeeded in this process (for tests and diagnostics)."""
+        return self._builds if self._pid == os.getpid() else 0
 
     def get(self) -> T:
         """Return the cached client, building or refreshing it first if needed.
@@ -109,6 +113,8 @@ class CachedClient(Generic[T]):
             ClientUnavailable: no valid client, and the last build failed less than a backoff ago.
             Exception: whatever ``build`` raised, when there is no valid client to fall back on.
         """
+        if self._pid != os.getpid():
+            self._reset()  # a forked child: never the parent's client, nor its (maybe held) lock
         installed = self._installed
         if installed is not None and self._fresh(installed):
             return installed.client
@@ -123,6 +129,9 @@ class CachedClient(Generic[T]):
 
     def close(self) -> None:
         """Close and forget the client (the next ``get`` builds a new one)."""
+        if self._pid != os.getpid():
+            self._reset()  # the parent's client is the parent's to close
+            return
         with self._lock:
             installed, self._installed = self._installed, None
         if installed is not None:
@@ -158,7 +167,7 @@ class CachedClient(Generic[T]):
             return installed.client  # type: ignore[union-attr]
         self._installed = _Installed(client, expiry, self._refresh_time(expiry))
         self._failures, self._retry_at, self._last_failure = 0, None, ""
-        self.builds += 1
+        self._builds += 1
         # The old client is not closed here: other greenlets may still be mid-call on it; the GC
         # closes it once the last of them lets go.
         logger.info("%s: client built (pid %d, expires %s)", self.name, os.getpid(), expiry or "never")
@@ -204,12 +213,3 @@ def close_all() -> None:
     """Close every cached client of this process (worker shutdown)."""
     for cache in list(_ALL):
         cache.close()
-
-
-def _forget_after_fork() -> None:
-    # The child must never use (or close) the parent's clients: drop them and start over.
-    for cache in list(_ALL):
-        cache._reset()
-
-
-os.register_at_fork(after_in_child=_forget_after_fork)

@@ -49,8 +49,8 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.util import connection as urllib3_connection
 
-from forwarder.errors import release_exception
 from gateways.cached_client import CachedClient
+from gateways.errors import GatewayError, release_exception
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ BACKOFF_MAX = 30.0
 _METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 
 
-class CallbackError(Exception):
+class CallbackError(GatewayError):
     """The callback was not delivered. The message names ``host:port``, never credentials."""
 
     def __init__(self, message: str, *, attempts: int = 0, status_code: int | None = None) -> None:

@@ -1,10 +1,7 @@
 """Put records on a Kinesis Data Firehose stream with ONE client per process, rebuilt before its credentials expire.
 
-Incident (do not revert): llm-engine's forwarder built an STS session, assumed the role and built a new
-Firehose client for every task; long-lived prefork children grew until the pod was OOM-killed. Here
-``build_firehose_client`` is pure and runs only through ``CachedClient``: once per process and
-credential lifetime (about every 50 minutes with 1 h sessions and the 10 minute leeway), with
-double-checked locking, keep-the-old-client on a failed refresh, backoff, and a fresh build after fork.
+``build_firehose_client`` is pure (one AssumeRole, one client) and runs only through ``CachedClient``:
+once per process and credential lifetime, never per put (see README, "What keeps memory flat").
 
 Records are ``json.dumps(record) + "\\n"``: Firehose concatenates records into S3 objects, and the newline
 lets readers (Snowflake, Athena) split them again. A record over Firehose's 1,000 KiB limit is refused
@@ -17,15 +14,13 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from gateways.aws import MAX_POOL_CONNECTIONS, StaticCredentials, make_client, new_session
+from gateways.aws import StaticCredentials, make_client, new_session
 from gateways.cached_client import CachedClient, ClientUnavailable, Clock, utcnow
-
-if TYPE_CHECKING:
-    from forwarder.settings import Settings
+from gateways.errors import GatewayError
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +28,9 @@ logger = logging.getLogger(__name__)
 MAX_RECORD_BYTES = 1000 * 1024
 #: The STS session name, visible in CloudTrail as the role session of every put.
 ROLE_SESSION_NAME = "celery-forwarder-logging"
-#: Default assume-role session length: an hour, so botocore-style 15-minute refreshes never trigger.
-SESSION_DURATION = 3600
-#: Default: rebuild the client this long before its credentials expire.
-REFRESH_LEEWAY = timedelta(seconds=600)
 
 
-class FirehosePutError(RuntimeError):
+class FirehosePutError(GatewayError):
     """A record was not put: Firehose or the network refused it (non-200, botocore error)."""
 
 
@@ -57,7 +48,7 @@ def encode_record(record: dict[str, Any]) -> bytes:
 
 
 def build_firehose_client(
-    role_arn: str, session_duration: int = SESSION_DURATION, max_pool_connections: int = MAX_POOL_CONNECTIONS
+    role_arn: str, session_duration: int, max_pool_connections: int
 ) -> tuple[Any, datetime | None]:
     """Build a Firehose client and return it with its credentials' expiry; pure (no shared state).
 
@@ -96,10 +87,10 @@ class FirehoseGateway:
         self,
         stream_name: str,
         *,
-        role_arn: str = "",
-        session_duration: int = SESSION_DURATION,
-        leeway: timedelta = REFRESH_LEEWAY,
-        max_pool_connections: int = MAX_POOL_CONNECTIONS,
+        role_arn: str,
+        session_duration: int,
+        leeway: timedelta,
+        max_pool_connections: int,
         clock: Clock = utcnow,
     ) -> None:
         self.stream_name = stream_name
@@ -110,17 +101,6 @@ class FirehoseGateway:
             lambda: build_firehose_client(role_arn, session_duration, max_pool_connections),
             leeway=leeway,
             clock=clock,
-        )
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> FirehoseGateway:
-        """The gateway for FIREHOSE_STREAM_NAME and its role, session, leeway and pool settings."""
-        return cls(
-            settings.firehose_stream_name,
-            role_arn=settings.firehose_role_arn,
-            session_duration=settings.firehose_session_duration,
-            leeway=timedelta(seconds=settings.firehose_refresh_leeway),
-            max_pool_connections=settings.firehose_pool_size,
         )
 
     def put_record(self, record: dict[str, Any]) -> None:

@@ -36,19 +36,16 @@ module's).
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-import boto3
-import botocore.config
 import botocore.exceptions
 from celery.backends.s3 import S3Backend
 from celery.exceptions import ImproperlyConfigured
 from kombu.utils.encoding import bytes_to_str
 
+from gateways.aws import StaticCredentials, make_client, new_session
 from gateways.cached_client import CachedClient
 
 logger = logging.getLogger(__name__)
@@ -108,55 +105,47 @@ def build_s3_client(config: S3ClientConfig) -> tuple[Any, None]:
     Raises:
         ImproperlyConfigured: boto3 finds no credentials.
     """
-    session = boto3.session.Session(
-        aws_access_key_id=config.access_key_id,
-        aws_secret_access_key=config.secret_access_key,
-        region_name=config.region,
-    )
-    if session.get_credentials() is None:
+    session = new_session(config.region)
+    credentials = None
+    if config.access_key_id and config.secret_access_key:
+        credentials = StaticCredentials(config.access_key_id, config.secret_access_key)
+    elif session.get_credentials() is None:
         raise ImproperlyConfigured("S3 result backend: boto3 found no AWS credentials")
-    client_config = botocore.config.Config(
+    client = make_client(
+        "s3",
+        session=session,
+        credentials=credentials,
+        endpoint_url=config.endpoint_url,
         connect_timeout=config.connect_timeout,
         read_timeout=config.read_timeout,
-        retries={"mode": "standard", "max_attempts": config.max_attempts},
+        max_attempts=config.max_attempts,
         max_pool_connections=config.max_pool_connections,
     )
-    return session.client("s3", endpoint_url=config.endpoint_url, config=client_config), None
+    return client, None
 
 
 def _close_client(client: Any) -> None:
     client.close()
 
 
+#: One cache per client configuration; ``setdefault`` is atomic, so no lock (a lost race costs an
+#: unused, never-built cache object).
 _caches: dict[S3ClientConfig, CachedClient[Any]] = {}
-_caches_lock = threading.Lock()
 
 
 def s3_client(config: S3ClientConfig) -> Any:
     """The process's S3 client for ``config``: built on first use, and again in a forked child."""
     cache = _caches.get(config)
     if cache is None:
-        with _caches_lock:
-            cache = _caches.get(config)
-            if cache is None:
-                cache = CachedClient(CLIENT_NAME, lambda: build_s3_client(config), close=_close_client)
-                _caches[config] = cache
+        cache = _caches.setdefault(
+            config, CachedClient(CLIENT_NAME, lambda: build_s3_client(config), close=_close_client)
+        )
     return cache.get()
 
 
 def client_builds() -> int:
     """S3 clients built in this process so far (for tests and diagnostics)."""
     return sum(cache.builds for cache in list(_caches.values()))
-
-
-def _new_lock_after_fork() -> None:
-    # The caches themselves forget the parent's clients (cached_client does that); only the lock that
-    # guards the dict could have been held by another thread at fork time.
-    global _caches_lock
-    _caches_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 class S3ResultBackend(S3Backend):

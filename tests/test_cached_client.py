@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -225,52 +224,13 @@ def test_refreshing_a_valid_client_does_not_block_other_threads(clock: FakeClock
     assert cache.get() is not old and builder.calls == 2
 
 
-GEVENT_CHILD = """
-from gevent import monkey
-monkey.patch_all()
-
-import sys
-import time
-from datetime import UTC, datetime, timedelta
-
-import gevent
-import gevent.event
-
-from gateways.cached_client import CachedClient
-
-calls = []
-
-def build():
-    calls.append(1)
-    time.sleep(0.3)  # patched: yields to the other greenlets while "calling STS"
-    return object(), datetime.now(UTC) + timedelta(hours=1)
-
-cache = CachedClient("gevent-test", build, leeway=timedelta(minutes=10))
-go = gevent.event.Event()
-
-def call():
-    go.wait()
-    return cache.get()
-
-greenlets = [gevent.spawn(call) for _ in range(50)]
-gevent.sleep(0)
-go.set()
-gevent.joinall(greenlets, timeout=20, raise_error=True)
-clients = {id(g.value) for g in greenlets}
-if not monkey.is_module_patched("threading"):
-    sys.exit(3)
-if len(calls) != 1 or cache.builds != 1:
-    sys.exit(4)
-if len(clients) != 1 or not all(g.successful() for g in greenlets):
-    sys.exit(5)
-"""
 
 
 def test_50_greenlets_at_once_cause_exactly_one_build() -> None:
     pytest.importorskip("gevent")
     # Monkey-patching is process-global: run the greenlets in a child interpreter; it asserts, we read its exit code.
     done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(GEVENT_CHILD)],
+        [sys.executable, str(ROOT / "tests" / "children" / "gevent_cached_client.py")],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -25,7 +25,8 @@ from cryptography.x509.oid import NameOID
 import gateways.callback as callback_module
 from devtools.demo import send
 from devtools.servers import free_port, wait_for
-from forwarder.callback_hook import CallbackAuthError, CallbackHook
+from forwarder import deps
+from forwarder.callback_hook import CallbackAuthError
 from forwarder.errors import HookError
 from forwarder.hooks import HookRunner
 from forwarder.settings import Settings
@@ -345,7 +346,7 @@ def settings(**env: str) -> Settings:
 
 def test_hook_uses_the_requests_url_and_basic_auth(callback_receiver, caplog):
     caplog.set_level(logging.INFO)
-    hook = CallbackHook.from_settings(settings(FORWARDER_CALLBACK_ALLOWED_HOSTS="127.0.0.1"))
+    hook = deps.callback_hook(settings(FORWARDER_CALLBACK_ALLOWED_HOSTS="127.0.0.1"))
     request = {
         "args": {"x": 1},
         "callback_url": f"{callback_receiver.url}/done?token=abc",
@@ -360,7 +361,7 @@ def test_hook_uses_the_requests_url_and_basic_auth(callback_receiver, caplog):
 
 
 def test_hook_falls_back_to_the_default_url_and_auth(callback_receiver):
-    hook = CallbackHook.from_settings(settings(
+    hook = deps.callback_hook(settings(
         FORWARDER_CALLBACK_ALLOWED_HOSTS="127.0.0.0/8",
         FORWARDER_CALLBACK_URL=f"{callback_receiver.url}/default",
         FORWARDER_CALLBACK_AUTH_USERNAME="endpoint-user",
@@ -375,14 +376,14 @@ def test_hook_falls_back_to_the_default_url_and_auth(callback_receiver):
 
 def test_hook_without_any_url_returns_quietly(callback_receiver, caplog):
     caplog.set_level(logging.DEBUG, logger="forwarder.callback_hook")
-    hook = CallbackHook.from_settings(settings())
+    hook = deps.callback_hook(settings())
     hook({"args": {}}, {"result": "r", "task_id": "t"}, "t")
     assert "no callback URL" in caplog.text
     assert callback_receiver.received == []
 
 
 def test_mtls_kind_sends_the_endpoint_user_with_an_empty_password_and_warns(callback_receiver, caplog):
-    hook = CallbackHook.from_settings(settings(
+    hook = deps.callback_hook(settings(
         FORWARDER_CALLBACK_ALLOWED_HOSTS="127.0.0.1",
         FORWARDER_CALLBACK_AUTH_USERNAME="endpoint-user",
         FORWARDER_CALLBACK_AUTH_PASSWORD=SECRET,
@@ -407,7 +408,7 @@ def test_mtls_kind_sends_the_endpoint_user_with_an_empty_password_and_warns(call
     ],
 )
 def test_malformed_callback_auth_is_a_clear_error_that_hides_the_password(callback_receiver, auth):
-    hook = CallbackHook.from_settings(settings(FORWARDER_CALLBACK_ALLOWED_HOSTS="127.0.0.1"))
+    hook = deps.callback_hook(settings(FORWARDER_CALLBACK_ALLOWED_HOSTS="127.0.0.1"))
     with pytest.raises(CallbackAuthError, match="callback_auth") as caught:
         hook({"callback_url": callback_receiver.url, "callback_auth": auth}, {"task_id": "t"}, "t")
     assert SECRET not in str(caught.value) and "12345" not in str(caught.value)
@@ -415,7 +416,7 @@ def test_malformed_callback_auth_is_a_clear_error_that_hides_the_password(callba
 
 
 def test_non_string_callback_url_is_an_error():
-    hook = CallbackHook.from_settings(settings())
+    hook = deps.callback_hook(settings())
     with pytest.raises(HookError, match="callback_url must be a string"):
         hook({"callback_url": ["http://example.com"]}, {"task_id": "t"}, "t")
 

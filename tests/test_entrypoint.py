@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -100,68 +100,22 @@ def test_check_validates_and_exits_without_starting():
 # The child installs an import hook, then runs the real entry point (``check``), then imports the
 # whole worker. It records whether socket and ssl were already patched when each watched library
 # was first imported, and whether ssl was imported before the patch. Exit 0 only if all is well.
-PATCH_ORDER_CHILD = textwrap.dedent(
-    """
-    import runpy, sys
-    WATCHED = ("celery", "kombu", "redis", "requests", "urllib3", "boto3", "botocore", "ssl")
-    seen = {}
-
-    class Watch:
-        def find_spec(self, name, path=None, target=None):
-            root = name.split(".")[0]
-            if root in WATCHED and root not in seen:
-                monkey = sys.modules.get("gevent.monkey")
-                seen[root] = bool(monkey and monkey.is_module_patched("socket"))
-            return None
-
-    sys.meta_path.insert(0, Watch())
-    sys.argv = ["forwarder", "check"]
-    try:
-        runpy.run_module("forwarder", run_name="__main__", alter_sys=True)
-    except SystemExit as exit_:
-        assert exit_.code == 0, exit_.code
-    import forwarder.worker, forwarder.app, forwarder.tasks, gateways.cached_client  # noqa
-    import boto3, requests  # noqa
-    from gevent import monkey
-    assert monkey.is_module_patched("socket") and monkey.is_module_patched("ssl"), "not patched"
-    late = [name for name, patched in seen.items() if not patched]
-    assert not late, f"imported before the gevent patch: {late}"
-    assert {"celery", "requests", "boto3"} <= set(seen), seen
-    print("patched first:", sorted(seen))
-    """
-)
-
-PREFORK_CHILD = textwrap.dedent(
-    """
-    import runpy, sys
-    sys.argv = ["forwarder", "check"]
-    try:
-        runpy.run_module("forwarder", run_name="__main__", alter_sys=True)
-    except SystemExit as exit_:
-        assert exit_.code == 0, exit_.code
-    import forwarder.worker, forwarder.app, forwarder.tasks, boto3, requests  # noqa
-    from celery.concurrency import get_implementation
-    get_implementation("prefork")
-    assert "gevent" not in sys.modules, "gevent imported under prefork"
-    assert "gevent.monkey" not in sys.modules
-    print("gevent never imported")
-    """
-)
 
 
-def run_child(code: str, pool: str) -> subprocess.CompletedProcess[str]:
+
+def run_child(script: str, pool: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", code], env=worker_env(CELERY_WORKER_POOL=pool), capture_output=True, text=True,
-        timeout=60,
+        [sys.executable, str(Path(__file__).resolve().parent / "children" / script)],
+        env=worker_env(CELERY_WORKER_POOL=pool), capture_output=True, text=True, timeout=60,
     )
 
 
 def test_gevent_patches_socket_and_ssl_before_any_network_library():
-    done = run_child(PATCH_ORDER_CHILD, "gevent")
+    done = run_child("patch_order.py", "gevent")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "patched first" in done.stdout
 
 
 def test_prefork_never_imports_gevent():
-    done = run_child(PREFORK_CHILD, "prefork")
+    done = run_child("prefork_imports.py", "prefork")
     assert done.returncode == 0, done.stdout + done.stderr

@@ -13,17 +13,17 @@ import pytest
 import requests
 
 from devtools.servers import free_port
+from forwarder import deps
 from forwarder.settings import Settings
 from gateways.firehose import (
     MAX_RECORD_BYTES,
-    FirehoseGateway,
     FirehosePutError,
     FirehoseRecordTooLarge,
     FirehoseUnavailable,
     build_firehose_client,
     encode_record,
 )
-from tests.support.aws import assume_role_calls, aws_client, delivered_records, unique_role_arn
+from tests.support.aws import assume_role_calls, aws_client, delivered_records, make_gateway, unique_role_arn
 
 
 class JumpClock:
@@ -48,7 +48,7 @@ def all_assume_role_calls(moto_url: str) -> int:
 
 
 def test_put_delivers_newline_terminated_json_records(moto_server: str, firehose_stream: dict[str, Any]) -> None:
-    gateway = FirehoseGateway(firehose_stream["name"], role_arn=unique_role_arn())
+    gateway = make_gateway(firehose_stream["name"], role_arn=unique_role_arn())
     sent = [{"n": index, "text": 'quote " and newline \n inside', "nested": {"ok": True}} for index in range(3)]
     for record in sent:
         gateway.put_record(record)
@@ -62,7 +62,7 @@ def test_put_delivers_newline_terminated_json_records(moto_server: str, firehose
 
 def test_assume_role_is_called_once_for_100_puts(moto_server: str, firehose_stream: dict[str, Any]) -> None:
     role = unique_role_arn()
-    gateway = FirehoseGateway(firehose_stream["name"], role_arn=role)
+    gateway = make_gateway(firehose_stream["name"], role_arn=role)
     for index in range(100):
         gateway.put_record({"n": index})
     assert assume_role_calls(moto_server, role) == 1
@@ -73,9 +73,7 @@ def test_assume_role_is_called_once_for_100_puts(moto_server: str, firehose_stre
 def test_client_is_rebuilt_once_near_expiry(moto_server: str, firehose_stream: dict[str, Any]) -> None:
     role = unique_role_arn()
     clock = JumpClock()
-    gateway = FirehoseGateway(
-        firehose_stream["name"], role_arn=role, session_duration=3600, leeway=timedelta(seconds=600), clock=clock
-    )
+    gateway = make_gateway(firehose_stream["name"], role_arn=role, clock=clock)
     gateway.put_record({"n": 1})
     first = gateway.client_cache.get()
     clock.offset = timedelta(seconds=2900)  # 11+ minutes left: still fresh
@@ -91,7 +89,7 @@ def test_client_is_rebuilt_once_near_expiry(moto_server: str, firehose_stream: d
 
 def test_without_a_role_no_assume_role_is_made(moto_server: str, firehose_stream: dict[str, Any]) -> None:
     before = all_assume_role_calls(moto_server)
-    gateway = FirehoseGateway(firehose_stream["name"])
+    gateway = make_gateway(firehose_stream["name"])
     for index in range(5):
         gateway.put_record({"n": index})
     assert all_assume_role_calls(moto_server) == before
@@ -114,7 +112,7 @@ def test_build_is_pure_and_uses_the_assumed_role(moto_server: str, aws_env: dict
 
 
 def test_oversize_record_is_refused_before_any_call(moto_server: str, firehose_stream: dict[str, Any]) -> None:
-    gateway = FirehoseGateway(firehose_stream["name"], role_arn=unique_role_arn())
+    gateway = make_gateway(firehose_stream["name"], role_arn=unique_role_arn())
     record = {"blob": "x" * MAX_RECORD_BYTES}
     assert len(encode_record(record)) > MAX_RECORD_BYTES
     with pytest.raises(FirehoseRecordTooLarge, match="exceeds"):
@@ -125,7 +123,7 @@ def test_oversize_record_is_refused_before_any_call(moto_server: str, firehose_s
 
 
 def test_firehose_error_raises_a_typed_error(moto_server: str, aws_env: dict[str, str]) -> None:
-    gateway = FirehoseGateway("no-such-stream", role_arn=unique_role_arn())
+    gateway = make_gateway("no-such-stream", role_arn=unique_role_arn())
     with pytest.raises(FirehosePutError, match="ResourceNotFoundException"):
         gateway.put_record({"n": 1})
 
@@ -135,7 +133,7 @@ def test_sts_failure_raises_typed_errors_then_recovers(
 ) -> None:
     role = unique_role_arn()
     clock = JumpClock()
-    gateway = FirehoseGateway(firehose_stream["name"], role_arn=role, clock=clock)
+    gateway = make_gateway(firehose_stream["name"], role_arn=role, clock=clock)
     # botocore honours AWS_ENDPOINT_URL_STS: STS now answers from a closed port (connection refused).
     monkeypatch.setenv("AWS_ENDPOINT_URL_STS", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(FirehoseUnavailable, match="EndpointConnectionError"):
@@ -155,13 +153,13 @@ def test_unreachable_firehose_raises_a_typed_error(
     moto_server: str, firehose_stream: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL_FIREHOSE", f"http://127.0.0.1:{free_port()}")
-    gateway = FirehoseGateway(firehose_stream["name"])
+    gateway = make_gateway(firehose_stream["name"])
     with pytest.raises(FirehosePutError, match="EndpointConnectionError") as caught:
         gateway.put_record({"n": 1})
     assert not isinstance(caught.value, FirehoseUnavailable)  # the client exists; the put failed
 
 
-def test_from_settings_uses_the_firehose_settings() -> None:
+def test_deps_build_the_gateway_from_the_firehose_settings() -> None:
     settings = Settings.from_env({
         "FORWARDER_HOOKS": "logging",
         "FIREHOSE_STREAM_NAME": "the-stream",
@@ -170,7 +168,7 @@ def test_from_settings_uses_the_firehose_settings() -> None:
         "FIREHOSE_REFRESH_LEEWAY": "120",
         "CELERY_WORKER_CONCURRENCY": "32",
     })
-    gateway = FirehoseGateway.from_settings(settings)
+    gateway = deps.firehose_gateway(settings)
     assert gateway.stream_name == "the-stream" and gateway.role_arn == settings.firehose_role_arn
     assert gateway.client_cache._leeway == timedelta(seconds=120)
     assert gateway.client_cache.builds == 0  # nothing built until the first put

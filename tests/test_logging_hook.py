@@ -13,12 +13,20 @@ from celery import Celery
 
 from devtools.demo import send
 from devtools.servers import ModelServer, WorkerProcess
-from forwarder.hooks import HookRunner, build_hooks
+from forwarder import deps
+from forwarder.hooks import HookRunner
 from forwarder.logging_hook import REDACTED, TRUNCATED_FIELD, LoggingHook, is_secret_key
 from forwarder.payload import error_payload
 from forwarder.settings import Settings
-from gateways.firehose import MAX_RECORD_BYTES, FirehoseGateway
-from tests.support.aws import assume_role_calls, aws_client, delivered_records, unique_role_arn, wait_for_records
+from gateways.firehose import MAX_RECORD_BYTES
+from tests.support.aws import (
+    assume_role_calls,
+    aws_client,
+    delivered_records,
+    make_gateway,
+    unique_role_arn,
+    wait_for_records,
+)
 
 SECRET = "hunter2-callback-Pa55word"
 BEARER = "Bearer abc.def-very-secret-jwt"
@@ -34,7 +42,7 @@ IDENTITY = {
 
 def make_hook(stream: dict[str, str], **overrides: Any) -> LoggingHook:
     identity = {**IDENTITY, **overrides}
-    return LoggingHook(FirehoseGateway(stream["name"], role_arn=unique_role_arn()), clock=lambda: FIXED_NOW, **identity)
+    return LoggingHook(make_gateway(stream["name"], role_arn=unique_role_arn()), clock=lambda: FIXED_NOW, **identity)
 
 
 def request_with_secrets(index: int = 0) -> dict[str, Any]:
@@ -151,7 +159,7 @@ def test_oversize_record_is_truncated_with_a_marker_and_one_warning(
 def test_put_failure_is_logged_and_counted_by_the_runner(
     moto_server: str, aws_env: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    hook = LoggingHook(FirehoseGateway("no-such-stream"), **IDENTITY)
+    hook = LoggingHook(make_gateway("no-such-stream"), **IDENTITY)
     runner = HookRunner([hook])
     with caplog.at_level(logging.WARNING):
         runner.run(request_with_secrets(), {"result": "{}", "status_code": 200}, "task-6")
@@ -161,14 +169,14 @@ def test_put_failure_is_logged_and_counted_by_the_runner(
     assert SECRET not in caplog.text
 
 
-def test_from_settings_builds_without_io() -> None:
+def test_deps_build_the_hook_without_io() -> None:
     settings = Settings.from_env({
         "FORWARDER_HOOKS": "logging",
         "FIREHOSE_STREAM_NAME": "the-stream",
         "FORWARDER_ENDPOINT_ID": "end_1",
         "FORWARDER_LABELS": '{"team": "ml"}',
     })
-    (hook,) = build_hooks(settings).hooks
+    (hook,) = deps.build_deps(settings).hooks.hooks
     assert isinstance(hook, LoggingHook) and hook.name == "logging"
     assert hook.endpoint_id == "end_1" and hook.labels == {"team": "ml"} and hook.endpoint_type == "async"
     assert hook.gateway.stream_name == "the-stream" and hook.gateway.client_cache.builds == 0

@@ -26,6 +26,7 @@ from devtools.demo import send
 from devtools.servers import wait_for, worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
+CHILDREN = Path(__file__).resolve().parent / "children"
 INTERVAL = 1.0
 TOP = 5
 DEBUG_ENV = {
@@ -207,25 +208,6 @@ def test_without_the_flag_nothing_is_imported_started_or_dumped(pool, start_work
     assert set(worker_pids(worker, pool)) == set(pids), "no process died of SIGUSR2"
 
 
-WIRING = """
-import json, os, sys, threading
-from forwarder.pool_bootstrap import bootstrap
-bootstrap()
-from celery import signals
-from forwarder.settings import Settings
-from forwarder.worker import connect_signals
-connect_signals(Settings.from_env(os.environ))
-signals.worker_init.send(sender=None)
-signals.worker_process_init.send(sender=None)
-tracemalloc = sys.modules.get("tracemalloc")
-print(json.dumps({
-    "tracemalloc_imported": tracemalloc is not None,
-    "tracing": bool(tracemalloc and tracemalloc.is_tracing()),
-    "memory_module": "forwarder.memory" in sys.modules,
-    "threads": sorted(t.name for t in threading.enumerate()),
-    "usr2_handler": str(__import__("signal").getsignal(__import__("signal").SIGUSR2)),
-}))
-"""
 
 
 @pytest.mark.parametrize("pool", ["prefork", "gevent"])
@@ -234,7 +216,7 @@ def test_worker_wiring_starts_tracing_only_with_the_flag(pool, flag):
     """The worker's own signal wiring, run in a fresh interpreter: the flag alone decides."""
     env = worker_env(CELERY_WORKER_POOL=pool, FORWARDER_MEMORY_DEBUG=flag)
     env.pop("PYTHONTRACEMALLOC", None)
-    done = subprocess.run([sys.executable, "-c", WIRING], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, str(CHILDREN / "memory_wiring.py")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     on = flag == "1"

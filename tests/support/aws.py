@@ -9,6 +9,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import boto3
@@ -16,6 +17,7 @@ import pytest
 import requests
 
 from devtools.servers import free_port, wait_for
+from gateways.firehose import FirehoseGateway
 
 __all__ = ["moto_server", "aws_env", "aws_client", "firehose_stream", "sqs_queue", "s3_bucket",
            "delivered_records", "wait_for_records", "assume_role_calls", "unique_role_arn", "reset_moto"]
@@ -130,3 +132,11 @@ def assume_role_calls(moto_url: str, role_arn: str) -> int:
 def unique_role_arn() -> str:
     """A role ARN no other test uses, so assume-role calls can be counted per test."""
     return f"arn:aws:iam::123456789012:role/forwarder-{uuid.uuid4().hex[:10]}"
+
+
+def make_gateway(stream_name: str, role_arn: str = "", **overrides: Any) -> FirehoseGateway:
+    """A Firehose gateway with the worker's default session, leeway and pool (tests state their own)."""
+    options: dict[str, Any] = {
+        "role_arn": role_arn, "session_duration": 3600, "leeway": timedelta(seconds=600), "max_pool_connections": 10,
+    }
+    return FirehoseGateway(stream_name, **{**options, **overrides})

@@ -11,15 +11,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from forwarder.errors import (
-    ForwarderError,
-    ModelConnectionError,
-    ModelNotReady,
-    ModelResponseError,
-    ModelTimeout,
-    release_exception,
-)
 from gateways.cached_client import CachedClient
+from gateways.errors import GatewayError, release_exception
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +21,26 @@ READY_POLL_INTERVAL = 1.0
 READY_LOG_INTERVAL = 10.0
 #: Body characters quoted in the error for a non-JSON answer.
 BODY_PREVIEW = 200
+
+
+class ModelServerError(GatewayError):
+    """Root of the model server's failures."""
+
+
+class ModelNotReady(ModelServerError):
+    """The model server did not become ready within the start-up deadline."""
+
+
+class ModelConnectionError(ModelServerError):
+    """The model server could not be reached (refused, reset, connect timeout): the task is retried."""
+
+
+class ModelTimeout(ModelServerError):
+    """The model server accepted the request but did not answer within the read timeout."""
+
+
+class ModelResponseError(ModelServerError):
+    """The model server answered with a body that is not JSON."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +96,7 @@ class ModelClient:
         # Errors are raised after their except blocks, chained to nothing: a requests error holds the
         # prepared request (the whole encoded payload) and a JSON error the whole answer, and the task's
         # exception outlives the task in Celery's retry and failure bookkeeping.
-        failure: ForwarderError | None = None
+        failure: ModelServerError | None = None
         try:
             response = self.session.get().post(
                 self.predict_url, json=payload, headers=headers, timeout=self._timeout
@@ -105,7 +118,7 @@ class ModelClient:
             raise failure
         return ModelAnswer(response.status_code, body)
 
-    def _transport_failure(self, exc: requests.RequestException) -> ForwarderError:
+    def _transport_failure(self, exc: requests.RequestException) -> ModelServerError:
         """Our error for a failed POST: connection problems are retried, a read timeout is not."""
         if isinstance(exc, requests.ConnectTimeout):
             return ModelConnectionError(f"model server {self.predict_url}: connect timed out")

@@ -11,7 +11,7 @@ live worker sweeps that bookkeeping (``QoS.restore_visible``). kombu sweeps only
   SIGKILLed worker's messages unacknowledged for good, so a gevent-only fleet lost them.
 
 ``RestoreUnacked`` sweeps on the worker's own timer instead, under both pools, every few seconds
-(a Redis SET NX, ZRANGE and DEL: negligible). Tested by tests/test_faults.py.
+(a Redis SET NX, ZRANGE and DEL: negligible).
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ import logging
 from typing import Any
 
 from celery import Celery, bootsteps
+
+from forwarder.extensions.base import Extension
+from forwarder.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,9 @@ class RestoreUnacked(bootsteps.StartStopStep):
                            type(exc).__name__, exc)
 
 
-def install(app: Celery) -> None:
-    """Add the sweep to the app's consumer (before its worker is built). Redis broker only."""
-    app.steps["consumer"].add(RestoreUnacked)
+class RedeliverySweep(Extension):
+    """Redis broker only: add ``RestoreUnacked`` to the consumer (SQS redelivers by itself)."""
+
+    def install(self, app: Celery, settings: Settings) -> None:
+        if not settings.broker_is_sqs:
+            app.steps["consumer"].add(RestoreUnacked)

@@ -1,11 +1,12 @@
-"""Keep request contents out of Celery's log lines about refused messages.
+"""Keep credentials out of the worker's log, at every log level.
 
-When Celery refuses a message (unknown task name, a body it cannot use, content it does not accept such as
-pickle, an unknown format) it logs the message body (up to 1 KiB) and its headers, which include
-``argsrepr``, the producer's rendering of the arguments. An llm-engine request carries the caller's
-``callback_auth`` password, so those lines would log it. This filter keeps each line (its reason, the
-task name and id) and replaces body and argument renderings with "(hidden)". Tested by
-tests/test_bad_input.py::test_no_secret_in_logs.
+- Loggers whose DEBUG lines carry credentials stay at INFO or above: botocore (STS answers with the
+  assumed role's secret key and session token, signed headers), urllib3 (callback URLs with their
+  query), celery.pool (every task's args, callback_auth passwords included).
+- When Celery refuses a message (unknown task name, a body it cannot use, pickle, an unknown format) it
+  logs the body (up to 1 KiB) and the headers, whose ``argsrepr`` renders the request with its
+  ``callback_auth``. The filter keeps each such line (reason, task name and id) and hides the body and
+  argument renderings.
 """
 
 from __future__ import annotations
@@ -13,8 +14,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from celery import Celery
 from celery.worker.consumer import consumer as celery_consumer
 
+from forwarder.extensions.base import Extension
+from forwarder.settings import Settings
+
+#: Kept at INFO or above even with CELERY_LOG_LEVEL=DEBUG.
+CREDENTIAL_LOGGERS = ("botocore", "boto3", "urllib3", "celery.pool")
 HIDDEN = "(hidden)"
 #: Message headers safe to log (never the arguments' renderings).
 SAFE_HEADERS = ("id", "task", "root_id", "parent_id", "retries", "eta", "expires", "origin")
@@ -46,8 +53,12 @@ def _safe_headers(headers: Any) -> Any:
     return {key: headers[key] for key in SAFE_HEADERS if key in headers}
 
 
-def install() -> None:
-    """Attach the filter to the logger Celery's consumer uses for refused messages (idempotent)."""
-    logger = logging.getLogger(celery_consumer.__name__)
-    if not any(isinstance(f, HideRefusedMessageContents) for f in logger.filters):
-        logger.addFilter(HideRefusedMessageContents())
+class KeepSecretsOutOfLogs(Extension):
+    """Credential loggers at INFO or above; refused messages logged without their contents."""
+
+    def install(self, app: Celery, settings: Settings) -> None:
+        for name in CREDENTIAL_LOGGERS:
+            logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
+        logger = logging.getLogger(celery_consumer.__name__)
+        if not any(isinstance(f, HideRefusedMessageContents) for f in logger.filters):
+            logger.addFilter(HideRefusedMessageContents())

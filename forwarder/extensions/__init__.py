@@ -1,0 +1,50 @@
+"""Everything the worker runs around a task and around a process, in order: the one place to look.
+
+What happens to one message, start to end:
+
+1. The consumer decodes it; ``tasks.CheckedRequest`` refuses a malformed body (stores a FAILURE when
+   the task id is known) instead of letting it crash the consumer.
+2. ``before_task`` of each extension below, in list order (one may hand the message back).
+3. The task body (``tasks.exec_func``): plan the request, POST it to the model, shape the result;
+   Celery stores it (SUCCESS, or FAILURE, or schedules a RETRY).
+4. ``ForwardTask.after_return`` (SUCCESS or FAILURE): llm-engine's failure meta, then the
+   post-inference hooks (``hooks.HookRunner``: callback, logging), then ``after_task`` of each extension
+   in reverse order.
+5. ``task_done`` of each extension in reverse order, for every outcome (Celery's ``task_postrun``).
+6. Celery acks the message (late acks: only now).
+
+Around each process: ``install`` (once, before the worker is built), ``process_start`` (main process
+and each prefork child), ``process_ready`` (once consuming), ``process_stop``. See ``base.Extension``.
+
+Adding a concern: one module in this package, one line in ``default_extensions``.
+"""
+
+from __future__ import annotations
+
+from forwarder.extensions.base import Extension, Extensions
+from forwarder.extensions.close_clients import CloseClients
+from forwarder.extensions.memory_debug import MemoryDebug
+from forwarder.extensions.ready_line import ReadyLine
+from forwarder.extensions.redelivery import RedeliverySweep
+from forwarder.extensions.release_exceptions import ReleaseExceptions
+from forwarder.extensions.secret_logs import KeepSecretsOutOfLogs
+from forwarder.extensions.shutdown_handback import HandBackOnShutdown
+from forwarder.extensions.trace_errors import FlagFailuresInTrace
+
+__all__ = ["Extension", "Extensions", "default_extensions"]
+
+
+def default_extensions() -> Extensions:
+    """The worker's extensions, outermost first (``after_task``/``task_done``/``process_stop`` run last to first)."""
+    return Extensions(
+        [
+            KeepSecretsOutOfLogs(),  # credential loggers at INFO+, refused messages without contents
+            ReleaseExceptions(),  # last word on every task: free the frames its exception holds
+            CloseClients(),  # process stop: close every cached client
+            MemoryDebug(),  # FORWARDER_MEMORY_DEBUG: per-process tracing and dumps; else SIGUSR2 ignored
+            RedeliverySweep(),  # Redis broker: restore a dead worker's unacked messages every few seconds
+            ReadyLine(),  # "forwarder ready: ..." once consuming
+            FlagFailuresInTrace(),  # ddtrace: a failed task's span is an error
+            HandBackOnShutdown(),  # warm shutdown: requeue, unrun, a task that would start now
+        ]
+    )
