@@ -1,0 +1,72 @@
+"""Plots: one PNG per section from its results (matplotlib)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench.workers import OVERHEAD_PROGRAMS
+
+
+def plot(section: str, data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if section == "pools":
+        rows = {r["variant"]["label"]: r for r in data["rows"]}
+        conc = [r["concurrency"] for r in data["ratios"]]
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        width = 0.38
+        xs = range(len(conc))
+        for offset, pool in ((-width / 2, "prefork"), (width / 2, "gevent")):
+            axes[0].bar([x + offset for x in xs], [rows[f"{pool}-{c}"]["tasks_per_s"] for c in conc], width, label=pool)
+        axes[0].set(title=f"throughput, {data['model_delay_s'] * 1e3:.0f} ms model", xlabel="concurrency",
+                    ylabel="tasks/s", xticks=list(xs), xticklabels=[str(c) for c in conc])
+        axes[0].legend()
+        for i, key in enumerate(("rss", "uss", "pss")):
+            w = width / 1.5
+            for j, pool in enumerate(("prefork", "gevent")):
+                axes[1].bar([x + (i - 1) * w + (j - 0.5) * w / 2 for x in xs],
+                            [rows[f"{pool}-{c}"]["memory_mb"][key] for c in conc], w / 2,
+                            label=f"{pool} {key.upper()}", color=f"C{j}", alpha=1 - 0.28 * i)
+        axes[1].set(title="worker memory, summed over processes", xlabel="concurrency", ylabel="MB",
+                    xticks=list(xs), xticklabels=[str(c) for c in conc], yscale="log")
+        axes[1].legend(fontsize=7, ncol=3, loc="upper left")
+    elif section == "overhead":
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        groups = data["ratios"]
+        names = [name for name, _, _ in OVERHEAD_PROGRAMS]
+        width = 0.8 / len(names)
+        for j, name in enumerate(names):
+            ax.bar([i + (j - 1) * width for i in range(len(groups))],
+                   [group["median"][name]["tasks_per_s"] for group in groups], width, label=name)
+        for i, group in enumerate(groups):
+            ax.annotate(f"{group['forwarder_vs_bare_tasks_per_s']:.2f}x / {group['forwarder_vs_bare-protocol_tasks_per_s']:.2f}x",
+                        (i, max(group["median"][n]["tasks_per_s"] for n in names)), xytext=(0, 3),
+                        textcoords="offset points", ha="center", fontsize=8)
+        ax.set(title=f"forwarder vs bare Celery (median of {data['reps']}), concurrency {data['concurrency']}, "
+                     f"{data['model_delay_s'] * 1e3:.0f} ms model; ratios vs bare / bare-protocol",
+               ylabel="tasks/s", xticks=list(range(len(groups))),
+               xticklabels=[f"{g['pool']}\nlogging hook {'on' if g['hooks'] != 'none' else 'off'}" for g in groups])
+        ax.title.set_fontsize(9)
+        ax.legend(loc="lower right")
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for row in data["rows"]:
+            samples = row["rss_samples"]
+            label = f"{row['variant']['label']} ({row['slope_mb_per_1000']:+.3f} MB/1k)"
+            axes[0].plot([s[0] for s in samples], [s[1] for s in samples], label=label)
+            base = next((s[1] for s in samples if s[0] >= row["warmup_tasks"]), samples[0][1])
+            axes[1].plot([s[0] for s in samples], [s[1] - base for s in samples], label=row["variant"]["label"])
+        # Log scales: the retained-client control grows by GB while the real pools move by tenths of a MB.
+        axes[0].set(title="worker RSS (sum over processes), both hooks on", xlabel="tasks done", ylabel="MB (log)",
+                    yscale="log")
+        axes[1].set(title="RSS change since the end of warm-up", xlabel="tasks done", ylabel="MB (symlog, linear within ±1)")
+        axes[1].set_yscale("symlog", linthresh=1.0)
+        axes[0].legend(fontsize=7)
+        axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
