@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from forwarder import __version__
 from forwarder.errors import ConfigError
 from forwarder.pool_bootstrap import EXIT_CONFIG
-from forwarder.settings import Settings, describe
+from forwarder.settings import describe, load_settings
 from gateways.model_server import ModelNotReady
 
 EXIT_NOT_READY = 3
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return EXIT_CONFIG
         return run_demo(pool=args.pool, tasks=args.tasks)
     try:
-        settings = Settings.from_env(env)
+        settings = load_settings(env)
     except ConfigError as exc:
         print(f"forwarder: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

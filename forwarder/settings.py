@@ -1,20 +1,21 @@
 """Every environment variable the worker reads: name, default, parser and meaning, in one table.
 
-``Settings.from_env(mapping)`` is pure: it reads only the mapping it is given, validates every value
-and raises ``ConfigError`` naming the first bad variable. Nothing else in the worker reads the
-environment (except the pool bootstrap, which must run before any import).
+``VARS`` is the only place a default is written: the ``Settings`` fields have none, and ``--help`` and
+the README's table are rendered from it. ``Settings.from_env(mapping, endpoint_config)`` is pure: it
+reads only what it is given, validates every value and raises ``ConfigError`` naming the first bad
+variable. ``load_settings`` adds the one read of a file (llm-engine's endpoint config). Nothing else in
+the worker reads the environment (except the pool bootstrap, which must run before any import).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
+from forwarder.endpoint_config import read_endpoint_config
 from forwarder.errors import ConfigError
 from forwarder.pool_bootstrap import DEFAULT_POOL, POOL_ENV, POOLS
 
@@ -109,7 +110,7 @@ def _optional_url(*schemes: str) -> Callable[[str], str]:
     return lambda raw: "" if raw.strip() == "" else strict(raw)
 
 
-def _hooks(raw: str) -> tuple[str, ...]:
+def hook_names(raw: str) -> tuple[str, ...]:
     names = [name.strip().lower() for name in raw.split(",") if name.strip()]
     unknown = sorted(set(names) - set(HOOK_NAMES))
     if unknown:
@@ -171,7 +172,7 @@ VARS: tuple[Var, ...] = (
     Var("FORWARDER_RETRY_BACKOFF", "2", _positive_int, "Whole seconds before the first retry; doubles each retry, with full jitter.", "retry_backoff"),
     Var("FORWARDER_RETRY_BACKOFF_MAX", "60", _positive_int, "Longest wait between retries, in whole seconds.", "retry_backoff_max"),
     # --- post-inference hooks
-    Var("FORWARDER_HOOKS", "", _hooks, "Comma-separated post-inference hooks: callback, logging (empty: none).", "hooks"),
+    Var("FORWARDER_HOOKS", "", hook_names, "Comma-separated post-inference hooks: callback, logging (empty: none).", "hooks"),
     Var("FORWARDER_ENDPOINT_CONFIG_PATH", "", _text, "Optional llm-engine endpoint-config file (base64 JSON); its hooks and identity are used where the FORWARDER_ variables are unset.", "endpoint_config_path"),
     Var("FORWARDER_ENDPOINT_ID", "", _text, "Endpoint id, for the logging hook's record.", "endpoint_id"),
     Var("FORWARDER_ENDPOINT_NAME", "", _text, "Endpoint name, for the logging hook's record.", "endpoint_name"),
@@ -194,6 +195,10 @@ VARS: tuple[Var, ...] = (
     Var("FORWARDER_MEMORY_DEBUG_INTERVAL", "300", _positive_float, "Seconds between memory dumps.", "memory_debug_interval"),
     Var("FORWARDER_MEMORY_DEBUG_TOP", "15", _positive_int, "Allocation sites listed in each dump.", "memory_debug_top"),
 )
+
+
+#: The variable naming llm-engine's endpoint-config file (read by ``load_settings``).
+ENDPOINT_CONFIG_VAR = next(var for var in VARS if var.name == "FORWARDER_ENDPOINT_CONFIG_PATH")
 
 
 def _bounded_int(raw: str, low: int, high: int) -> int:
@@ -239,36 +244,34 @@ class Settings:
     callback_url: str
     callback_username: str
     callback_password: str = field(repr=False)
-    callback_allowed_hosts: tuple[str, ...] = ()
-    callback_timeout: float = 10.0
-    callback_attempts: int = 3
-    firehose_stream_name: str = ""
-    firehose_role_arn: str = ""
-    firehose_session_duration: int = 3600
-    firehose_refresh_leeway: float = 600.0
-    firehose_max_pool_connections: int | None = None
-    aws_region: str = ""
-    memory_debug: bool = False
-    memory_debug_interval: float = 300.0
-    memory_debug_top: int = 15
+    callback_allowed_hosts: tuple[str, ...]
+    callback_timeout: float
+    callback_attempts: int
+    firehose_stream_name: str
+    firehose_role_arn: str
+    firehose_session_duration: int
+    firehose_refresh_leeway: float
+    firehose_max_pool_connections: int | None
+    aws_region: str
+    memory_debug: bool
+    memory_debug_interval: float
+    memory_debug_top: int
     #: Warnings found while validating (settings that are valid but have no effect).
-    warnings: tuple[str, ...] = ()
+    warnings: tuple[str, ...]
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> Settings:
-        """Parse and validate every variable in ``VARS`` from ``environ``.
+    def from_env(cls, environ: Mapping[str, str], endpoint_config: Mapping[str, Any] | None = None) -> Settings:
+        """Parse and validate every variable in ``VARS`` from ``environ``; pure.
+
+        ``endpoint_config`` is llm-engine's endpoint-config object (see ``load_settings``): it fills the
+        hook settings that ``environ`` leaves unset.
 
         Raises:
             ConfigError: naming the first invalid variable and why.
         """
-        values: dict[str, Any] = {}
-        for var in VARS:
-            raw = environ.get(var.name, var.default)
-            try:
-                values[var.attr] = var.parse(raw)
-            except (ValueError, TypeError) as exc:
-                raise ConfigError(var.name, raw, _reason(exc)) from None
-        values = _apply_endpoint_config(values)
+        values = {var.attr: parse_var(var, environ) for var in VARS}
+        if endpoint_config is not None:
+            values = apply_endpoint_config(values, endpoint_config, values["endpoint_config_path"])
         _check_combinations(values)
         values["warnings"] = _warnings(values)
         return cls(**values)
@@ -301,6 +304,29 @@ class Settings:
         current = {f.name: getattr(self, f.name) for f in fields(self)}
         current.update(changes)
         return Settings(**current)
+
+
+def parse_var(var: Var, environ: Mapping[str, str]) -> Any:
+    """One variable's typed value from ``environ`` (its default when unset).
+
+    Raises:
+        ConfigError: the value is invalid.
+    """
+    raw = environ.get(var.name, var.default)
+    try:
+        return var.parse(raw)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(var.name, raw, _reason(exc)) from None
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """The worker's settings: ``environ`` plus the endpoint-config file it names, if any.
+
+    Raises:
+        ConfigError: an invalid variable, or an endpoint-config file that cannot be read or parsed.
+    """
+    path = parse_var(ENDPOINT_CONFIG_VAR, environ)
+    return Settings.from_env(environ, read_endpoint_config(path) if path else None)
 
 
 def _reason(exc: BaseException) -> str:
@@ -338,25 +364,13 @@ def _warnings(values: dict[str, Any]) -> tuple[str, ...]:
     return tuple(found)
 
 
-def _apply_endpoint_config(values: dict[str, Any]) -> dict[str, Any]:
-    """Fill hook settings from llm-engine's base64 endpoint-config file where env left them unset."""
-    path = values["endpoint_config_path"]
-    if not path:
-        return values
+def apply_endpoint_config(values: dict[str, Any], config: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """Fill hook settings from llm-engine's endpoint config where the environment left them unset; pure."""
     name = "FORWARDER_ENDPOINT_CONFIG_PATH"
-    try:
-        with open(path, "rb") as handle:
-            config = json.loads(base64.b64decode(handle.read(), validate=False))
-    except OSError as exc:
-        raise ConfigError(name, path, f"cannot be read ({exc.strerror})") from None
-    except (binascii.Error, ValueError):
-        raise ConfigError(name, path, "is not base64-encoded JSON") from None
-    if not isinstance(config, dict):
-        raise ConfigError(name, path, "does not hold a JSON object")
     merged = dict(values)
     if not merged["hooks"] and config.get("post_inference_hooks"):
         try:
-            merged["hooks"] = _hooks(",".join(str(h) for h in config["post_inference_hooks"]))
+            merged["hooks"] = hook_names(",".join(str(h) for h in config["post_inference_hooks"]))
         except ValueError as exc:
             raise ConfigError(name, path, f"post_inference_hooks: {exc}") from None
     simple = {

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from forwarder.errors import ConfigError
-from forwarder.settings import VARS, Settings, describe
+from forwarder.settings import VARS, Settings, describe, load_settings
 
 
 def test_defaults_match_a_model_server_on_localhost_5005():
@@ -109,7 +109,7 @@ def test_llm_engine_endpoint_config_fills_unset_hook_settings(tmp_path):
     }
     path = tmp_path / "endpoint_config"
     path.write_bytes(base64.b64encode(json.dumps(config).encode()))
-    settings = Settings.from_env({"FORWARDER_ENDPOINT_CONFIG_PATH": str(path), "FORWARDER_ENDPOINT_NAME": "env-wins"})
+    settings = load_settings({"FORWARDER_ENDPOINT_CONFIG_PATH": str(path), "FORWARDER_ENDPOINT_NAME": "env-wins"})
     assert settings.hooks == ("callback",)
     assert settings.endpoint_name == "env-wins"
     assert settings.endpoint_id == "end_123"
@@ -122,5 +122,5 @@ def test_unreadable_endpoint_config_is_a_start_error(tmp_path):
     path = tmp_path / "garbage"
     path.write_text("not base64 json!")
     with pytest.raises(ConfigError) as caught:
-        Settings.from_env({"FORWARDER_ENDPOINT_CONFIG_PATH": str(path)})
+        load_settings({"FORWARDER_ENDPOINT_CONFIG_PATH": str(path)})
     assert caught.value.variable == "FORWARDER_ENDPOINT_CONFIG_PATH"
