@@ -1,10 +1,11 @@
 """The ``callback`` post-inference hook: POST each finished task's response to the caller's URL.
 
 As llm-engine's ``CallbackHook``: the URL is the request's ``callback_url``, else the endpoint default;
-the body is the stored response with ``task_id`` (for a failed task, llm-engine's error payload); the
-auth is the request's ``callback_auth``, else the default. Kind ``basic`` sends HTTP basic (username,
-password); any other kind (``mtls``) is sent, as llm-engine does, as basic (default user, "") — mTLS
-client certificates are not supported, and a warning says so.
+the body is the stored result with ``task_id``; the auth is the request's ``callback_auth``, else the
+default. Kind ``basic`` sends HTTP basic (username, password); any other kind (``mtls``), or no auth at
+all, is sent as llm-engine does, as basic (endpoint user id, "") — mTLS client certificates are not
+supported, and a warning says so. A failed task gets a callback too (llm-engine sends none):
+``{"task_id", "state": "FAILURE", "error"}``.
 
 Unlike llm-engine: every attempt has a timeout, retries are bounded, the destination is checked
 against SSRF (``gateways.callback``), and the password is never logged.
@@ -47,8 +48,14 @@ class CallbackHook:
         #: Sent as basic (user_id, "") for auth kinds other than "basic", as llm-engine does.
         self.user_id = user_id
 
-    def __call__(self, request: Mapping[str, Any], response: dict[str, Any], task_id: str) -> None:
-        """Send ``response`` (it already carries ``task_id``) to the callback URL, if there is one.
+    def __call__(
+        self, request: Mapping[str, Any], response: dict[str, Any], task_id: str, state: str = "SUCCESS"
+    ) -> None:
+        """Send the outcome to the callback URL, if there is one.
+
+        SUCCESS: the stored result with ``task_id`` (llm-engine's body). FAILURE (llm-engine sends none):
+        ``{"task_id", "state": "FAILURE", "error"}``, the error text llm-engine's API shows for the task;
+        never the stack trace, since the URL belongs to someone outside.
 
         Raises:
             CallbackAuthError: ``callback_auth`` is malformed.
@@ -61,8 +68,9 @@ class CallbackHook:
             return
         auth = self._auth(request)
         where = _host_of(url)
+        body = response if state != "FAILURE" else failure_body(response, task_id)
         started = time.monotonic()
-        self.client.send(url, response, auth)
+        self.client.send(url, body, auth)
         logger.info(
             "callback for task %s delivered to %s in %.2f s", task_id, where, time.monotonic() - started
         )
@@ -77,8 +85,9 @@ class CallbackHook:
 
     def _auth(self, request: Mapping[str, Any]) -> tuple[str, str] | None:
         raw = request.get("callback_auth")
-        if not raw:  # absent, null or {}: the default, as llm-engine's `request.callback_auth or default`
-            return self.default_auth
+        if not raw:  # absent, null or {}: the default, as llm-engine's `request.callback_auth or default`,
+            # and with no default llm-engine's (user_id, ""), which receivers may check.
+            return self.default_auth or self._user_auth()
         if not isinstance(raw, Mapping):
             raise CallbackAuthError(f"callback_auth must be an object with a 'kind', got {type(raw).__name__}")
         kind = raw.get("kind")
@@ -94,7 +103,15 @@ class CallbackHook:
             "endpoint user and an empty password, as llm-engine does",
             kind[:32],
         )
+        return self._user_auth()
+
+    def _user_auth(self) -> tuple[str, str] | None:
         return (self.user_id, "") if self.user_id else None
+
+
+def failure_body(response: Mapping[str, Any], task_id: str) -> dict[str, Any]:
+    """The failure callback: task id, state and error text; no ``error_metadata`` (its stack trace)."""
+    return {"task_id": task_id, "state": "FAILURE", "error": str(response.get("error", ""))}
 
 
 def _host_of(url: str) -> str:

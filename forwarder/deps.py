@@ -77,7 +77,7 @@ def callback_hook(settings: Settings) -> CallbackHook:
         client,
         default_url=settings.callback_url,
         default_auth=(settings.callback_username, settings.callback_password) if has_default else None,
-        user_id=settings.callback_username,
+        user_id=settings.endpoint_user_id,
     )
 
 

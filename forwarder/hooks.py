@@ -16,14 +16,20 @@ from gateways.errors import release_exception
 
 logger = logging.getLogger(__name__)
 
+#: The outcomes hooks run for (Celery's state names).
+SUCCESS, FAILURE = "SUCCESS", "FAILURE"
+
 
 class Hook(Protocol):
     """One post-inference hook."""
 
     name: str
 
-    def __call__(self, request: Mapping[str, Any], response: dict[str, Any], task_id: str) -> None:
-        """Act on one finished task. ``response`` already carries ``task_id``; raise to report failure."""
+    def __call__(
+        self, request: Mapping[str, Any], response: dict[str, Any], task_id: str, state: str = SUCCESS
+    ) -> None:
+        """Act on one finished task (``state``: SUCCESS or FAILURE). ``response`` already carries ``task_id``
+        (for a failure: llm-engine's error payload); raise to report failure."""
 
 
 class HookRunner:
@@ -34,7 +40,7 @@ class HookRunner:
         #: Per hook name: "<name>.attempt", "<name>.success", "<name>.failure" (this process).
         self.counts: Counter[str] = Counter()
 
-    def run(self, request: Any, response: Any, task_id: str) -> None:
+    def run(self, request: Any, response: Any, task_id: str, state: str = SUCCESS) -> None:
         """Run each hook once; log and count, never raise."""
         if not self.hooks:
             return
@@ -44,7 +50,7 @@ class HookRunner:
             body["task_id"] = task_id
             self.counts[f"{hook.name}.attempt"] += 1
             try:
-                hook(request_map, body, task_id)
+                hook(request_map, body, task_id, state)
             except Exception as exc:
                 failures = self.counts[f"{hook.name}.failure"] = self.counts[f"{hook.name}.failure"] + 1
                 # No traceback logged or kept: the message names the cause; releasing it frees its frames.

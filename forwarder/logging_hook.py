@@ -173,7 +173,9 @@ class LoggingHook:
         self.labels = dict(labels)
         self._clock = clock
 
-    def __call__(self, request: Mapping[str, Any], response: dict[str, Any], task_id: str) -> None:
+    def __call__(
+        self, request: Mapping[str, Any], response: dict[str, Any], task_id: str, state: str = "SUCCESS"
+    ) -> None:
         """Build the record for ``task_id`` and put it; raises (for the HookRunner to log) if the put fails."""
         record = self.build_record(request, response)
         record, cut = fit_record(record)

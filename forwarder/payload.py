@@ -15,11 +15,14 @@ A non-2xx answer is not a failure: its status code travels in the stored result.
 from __future__ import annotations
 
 import json
+import logging
 import traceback
 from dataclasses import dataclass
 from typing import Any
 
 from forwarder.errors import MalformedRequest
+
+logger = logging.getLogger(__name__)
 
 SERIALIZE_KEY = "serialize_results_as_string"
 CALLBACK_AUTH_KEY = "callback_auth"
@@ -37,6 +40,11 @@ class Plan:
 def plan_request(request: Any, result_format: str) -> Plan:
     """Check a task's request and decide what to POST.
 
+    As llm-engine's forwarder: the request must be an object; ``args`` is forwarded whatever JSON it
+    is (object, array, string), except a number, boolean or null, on which llm-engine's forwarder fails
+    before any HTTP call (its ``serialize_results_as_string`` lookup raises TypeError) unless the request
+    already set that key at the top level, which skips the lookup.
+
     Raises:
         MalformedRequest: the request cannot be forwarded (before any HTTP call).
     """
@@ -47,11 +55,11 @@ def plan_request(request: Any, result_format: str) -> Plan:
         body = {key: value for key, value in request.items() if key != CALLBACK_AUTH_KEY}
         return Plan(body=body, serialize_as_string=False, result_format=result_format)
     body = request.get("args", request)
-    if not isinstance(body, (dict, list)):
-        raise MalformedRequest(f"request 'args' must be a JSON object or array, got {_kind(body)}")
     serialize = _serialize_override(request)
     if serialize is None and isinstance(body, dict):
         serialize = _serialize_override(body)
+    elif serialize is None and not isinstance(body, (list, str)):
+        raise MalformedRequest(f"request 'args' must be a JSON object, array or string, got {_kind(body)}")
     return Plan(body=body, serialize_as_string=True if serialize is None else serialize, result_format=result_format)
 
 
@@ -74,12 +82,14 @@ def error_payload(exc: BaseException, trace: str | None = None) -> dict[str, str
 
 
 def _serialize_override(mapping: dict[str, Any]) -> bool | None:
+    """The request's ``serialize_results_as_string``, read with Python truthiness as llm-engine does."""
     if SERIALIZE_KEY not in mapping:
         return None
     value = mapping[SERIALIZE_KEY]
     if not isinstance(value, bool):
-        raise MalformedRequest(f"'{SERIALIZE_KEY}' must be true or false, got {_kind(value)}")
-    return value
+        logger.warning("'%s' is %s, not true or false: read as %s (as llm-engine does)",
+                       SERIALIZE_KEY, _kind(value), bool(value))
+    return bool(value)
 
 
 def _kind(value: Any) -> str:

@@ -176,6 +176,7 @@ VARS: tuple[Var, ...] = (
     Var("FORWARDER_ENDPOINT_CONFIG_PATH", "", _text, "Optional llm-engine endpoint-config file (base64 JSON); its hooks and identity are used where the FORWARDER_ variables are unset.", "endpoint_config_path"),
     Var("FORWARDER_ENDPOINT_ID", "", _text, "Endpoint id, for the logging hook's record.", "endpoint_id"),
     Var("FORWARDER_ENDPOINT_NAME", "", _text, "Endpoint name, for the logging hook's record.", "endpoint_name"),
+    Var("FORWARDER_ENDPOINT_USER_ID", "", _text, "Endpoint owner's user id: a callback whose request names no auth is sent with HTTP basic (user_id, \"\"), as llm-engine does (unset: the endpoint config's user_id).", "endpoint_user_id"),
     Var("FORWARDER_ENDPOINT_TYPE", "async", _text, "Endpoint type, for the logging hook's record.", "endpoint_type"),
     Var("FORWARDER_BUNDLE_ID", "", _text, "Model bundle id, for the logging hook's record.", "bundle_id"),
     Var("FORWARDER_LABELS", "", _json_object, "Endpoint labels as a JSON object, for the logging hook's record.", "labels"),
@@ -238,6 +239,7 @@ class Settings:
     endpoint_config_path: str
     endpoint_id: str
     endpoint_name: str
+    endpoint_user_id: str
     endpoint_type: str
     bundle_id: str
     labels: dict[str, Any]
@@ -270,10 +272,11 @@ class Settings:
             ConfigError: naming the first invalid variable and why.
         """
         values = {var.attr: parse_var(var, environ) for var in VARS}
+        skipped: list[str] = []
         if endpoint_config is not None:
-            values = apply_endpoint_config(values, endpoint_config, values["endpoint_config_path"])
+            values, skipped = apply_endpoint_config(values, endpoint_config, values["endpoint_config_path"])
         _check_combinations(values)
-        values["warnings"] = _warnings(values)
+        values["warnings"] = tuple(skipped) + _warnings(values)
         return cls(**values)
 
     @property
@@ -364,18 +367,30 @@ def _warnings(values: dict[str, Any]) -> tuple[str, ...]:
     return tuple(found)
 
 
-def apply_endpoint_config(values: dict[str, Any], config: Mapping[str, Any], path: str) -> dict[str, Any]:
-    """Fill hook settings from llm-engine's endpoint config where the environment left them unset; pure."""
-    name = "FORWARDER_ENDPOINT_CONFIG_PATH"
+def apply_endpoint_config(
+    values: dict[str, Any], config: Mapping[str, Any], path: str
+) -> tuple[dict[str, Any], list[str]]:
+    """Fill settings from llm-engine's endpoint config where the environment left them unset; pure.
+
+    Returns the merged values and a warning per hook the config names that this worker does not run
+    (llm-engine's API still accepts ``billing``, which its own forwarder cannot build either). Those are
+    skipped; the others run. FORWARDER_HOOKS, set by an operator, stays strict.
+    """
     merged = dict(values)
-    if not merged["hooks"] and config.get("post_inference_hooks"):
-        try:
-            merged["hooks"] = hook_names(",".join(str(h) for h in config["post_inference_hooks"]))
-        except ValueError as exc:
-            raise ConfigError(name, path, f"post_inference_hooks: {exc}") from None
+    warnings: list[str] = []
+    listed = config.get("post_inference_hooks") or []
+    if not merged["hooks"] and listed:
+        if not isinstance(listed, list):
+            raise ConfigError("FORWARDER_ENDPOINT_CONFIG_PATH", path, "post_inference_hooks must be a list")
+        names = [str(name).strip().lower() for name in listed]
+        unknown = [name for name in dict.fromkeys(names) if name not in HOOK_NAMES]
+        warnings += [f"endpoint config hook {name!r} is not run by this worker; skipped (runs: "
+                     f"{', '.join(HOOK_NAMES)})" for name in unknown]
+        merged["hooks"] = tuple(name for name in dict.fromkeys(names) if name in HOOK_NAMES)
     simple = {
         "endpoint_id": "endpoint_id",
         "endpoint_name": "endpoint_name",
+        "endpoint_user_id": "user_id",
         "bundle_id": "bundle_id",
         "callback_url": "default_callback_url",
     }
@@ -385,10 +400,10 @@ def apply_endpoint_config(values: dict[str, Any], config: Mapping[str, Any], pat
     if not merged["labels"] and isinstance(config.get("labels"), dict):
         merged["labels"] = config["labels"]
     auth = config.get("default_callback_auth") or {}
-    if not merged["callback_username"] and isinstance(auth, dict):
-        merged["callback_username"] = str(auth.get("username") or auth.get("user_id") or "")
+    if not merged["callback_username"] and isinstance(auth, dict) and auth.get("kind", "basic") == "basic":
+        merged["callback_username"] = str(auth.get("username") or "")
         merged["callback_password"] = str(auth.get("password") or "")
-    return merged
+    return merged, warnings
 
 
 def describe() -> str:

@@ -86,7 +86,9 @@ def _store_refusal(task: Task | None, headers: Any, exc: InvalidTaskError) -> No
 
 
 def store_failure(backend: Any, task_id: str, exc: BaseException, request: Any = None) -> dict[str, str]:
-    """Store a FAILURE the way llm-engine's readers expect (``custom`` JSON), keeping the traceback.
+    """Store a FAILURE the way llm-engine does: ``exc_type``, ``exc_message``, ``custom`` JSON and no
+    traceback, so llm-engine's API hands callers the error text, never the worker's frames. The trace
+    goes to the worker's log (and to the APM span, see ``extensions.trace_errors``).
 
     Returns llm-engine's error payload, which the hooks report as the response.
     """
@@ -94,8 +96,11 @@ def store_failure(backend: Any, task_id: str, exc: BaseException, request: Any =
     payload = error_payload(exc, trace)
     prepared = backend.prepare_exception(exc)
     meta = {"exc_type": prepared["exc_type"], "exc_message": prepared["exc_message"], "custom": json.dumps(payload)}
-    backend.store_result(task_id, meta, states.FAILURE, traceback=trace, request=request)
-    logger.warning("task %s failed: %s: %s", task_id, type(exc).__name__, exc)
+    backend.store_result(task_id, meta, states.FAILURE, traceback=None, request=request)
+    if isinstance(exc, (ForwarderError, GatewayError)):  # expected (model down, bad request): one line
+        logger.warning("task %s failed: %s: %s", task_id, type(exc).__name__, exc)
+    else:  # a bug: the trace, for whoever reads the log
+        logger.error("task %s failed: %s: %s\n%s", task_id, type(exc).__name__, exc, trace.rstrip())
     return payload
 
 
@@ -125,7 +130,7 @@ class ForwardTask(Task):
         request = args[0] if args else None
         try:
             response = self._store_failure(task_id, retval) if _failed(status, retval) else retval
-            current.hooks.run(request, response, task_id)
+            current.hooks.run(request, response, task_id, status)
         except Exception as exc:
             logger.error("after-return handling failed for task %s: %s: %s", task_id, type(exc).__name__, exc)
             release_exception(exc)

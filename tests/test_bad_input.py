@@ -191,16 +191,12 @@ MALFORMED = [
      "the request (first task argument) must be a JSON object, got a string"),
     ("request is a list", [[{"args": {}}], "2024-01-01T00:00:00", False], "MalformedRequest",
      "the request (first task argument) must be a JSON object, got an array"),
-    ("args is a string", [{"args": "a prompt"}, "2024-01-01T00:00:00", False], "MalformedRequest",
-     "request 'args' must be a JSON object or array, got a string"),
+    ("args is a number", [{"args": 7}, "2024-01-01T00:00:00", False], "MalformedRequest",
+     "request 'args' must be a JSON object, array or string, got a number"),
     ("args is null", [{"args": None}, "2024-01-01T00:00:00", False], "MalformedRequest",
-     "request 'args' must be a JSON object or array, got null"),
-    ("serialize flag is a string", [{"args": {"id": 1}, "serialize_results_as_string": "false"},
-                                    "2024-01-01T00:00:00", False], "MalformedRequest",
-     "'serialize_results_as_string' must be true or false, got a string"),
-    ("serialize flag in args is a number", [{"args": {"id": 1, "serialize_results_as_string": 0}},
-                                            "2024-01-01T00:00:00", False], "MalformedRequest",
-     "'serialize_results_as_string' must be true or false, got a number"),
+     "request 'args' must be a JSON object, array or string, got null"),
+    ("args is a boolean", [{"args": True}, "2024-01-01T00:00:00", False], "MalformedRequest",
+     "request 'args' must be a JSON object, array or string, got a boolean"),
 ]
 
 

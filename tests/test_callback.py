@@ -385,7 +385,8 @@ def test_hook_without_any_url_returns_quietly(callback_receiver, caplog):
 def test_mtls_kind_sends_the_endpoint_user_with_an_empty_password_and_warns(callback_receiver, caplog):
     hook = deps.callback_hook(settings(
         FORWARDER_CALLBACK_ALLOWED_HOSTS="127.0.0.1",
-        FORWARDER_CALLBACK_AUTH_USERNAME="endpoint-user",
+        FORWARDER_ENDPOINT_USER_ID="endpoint-user",
+        FORWARDER_CALLBACK_AUTH_USERNAME="default-user",
         FORWARDER_CALLBACK_AUTH_PASSWORD=SECRET,
     ))
     request = {"callback_url": callback_receiver.url, "callback_auth": {"kind": "mtls", "cert": "C", "key": "K"}}
@@ -393,6 +394,22 @@ def test_mtls_kind_sends_the_endpoint_user_with_an_empty_password_and_warns(call
     assert callback_receiver.wait_for(1)[0].basic_auth == ("endpoint-user", "")
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "mTLS" in warnings[0].getMessage()
+
+
+def test_no_auth_anywhere_sends_the_endpoint_user_as_llm_engine_does(callback_receiver):
+    hook = deps.callback_hook(settings(FORWARDER_CALLBACK_ALLOWED_HOSTS="127.0.0.1",
+                                       FORWARDER_ENDPOINT_USER_ID="endpoint-user"))
+    hook({"callback_url": callback_receiver.url}, {"result": "r", "task_id": "t"}, "t")
+    assert callback_receiver.wait_for(1)[0].basic_auth == ("endpoint-user", "")
+
+
+def test_a_failure_callback_carries_the_error_text_and_no_trace(callback_receiver):
+    hook = deps.callback_hook(settings(FORWARDER_CALLBACK_ALLOWED_HOSTS="127.0.0.1"))
+    error = {"error": "model said no", "error_metadata": "Internal failure\nTraceback (most recent call last): ..."}
+    hook({"callback_url": callback_receiver.url, "callback_auth": basic()}, {**error, "task_id": "t"}, "t", "FAILURE")
+    seen = callback_receiver.wait_for(1)[0]
+    assert seen.body == {"task_id": "t", "state": "FAILURE", "error": "model said no"}
+    assert seen.basic_auth == ("u", SECRET)
 
 
 @pytest.mark.parametrize(
@@ -485,7 +502,7 @@ def test_e2e_hanging_callback_changes_no_result_and_the_worker_keeps_serving(
 
 
 @pytest.mark.parametrize("pool", POOLS)
-def test_e2e_failed_task_fires_the_callback_with_the_error_payload(
+def test_e2e_failed_task_fires_the_callback_with_the_error_text(
     pool, start_worker, producer, model, queue, callback_receiver
 ):
     worker = start_worker(pool, **CALLBACK_ENV)
@@ -497,8 +514,8 @@ def test_e2e_failed_task_fires_the_callback_with_the_error_payload(
     assert failed.status == "FAILURE"
     seen = callback_receiver.wait_for(1)[0]
     assert seen.basic_auth == ("u", SECRET)
-    assert seen.body["task_id"] == failed.id
-    assert "not JSON" in seen.body["error"]
-    assert seen.body["error_metadata"].startswith("Internal failure")
+    assert set(seen.body) == {"task_id", "state", "error"}  # no error_metadata: no stack trace leaves
+    assert seen.body["task_id"] == failed.id and seen.body["state"] == "FAILURE"
+    assert "not JSON" in seen.body["error"] and seen.body["error"] == str(failed.result)
     wait_for(lambda: "delivered to" in worker.output, 10, "the callback's log line")
     assert SECRET not in worker.output

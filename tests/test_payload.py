@@ -41,13 +41,31 @@ def test_top_level_override_wins():
 
 
 @pytest.mark.parametrize(
-    "request_",
-    [None, [], "text", 3, {"args": None}, {"args": "text"}, {"args": 7}, {"serialize_results_as_string": "false"}],
+    "request_", [None, [], "text", 3, {"args": None}, {"args": 7}, {"args": 1.5}, {"args": True}, {"args": False}],
 )
-def test_malformed_requests_fail_clearly(request_):
+def test_what_llm_engine_cannot_forward_fails_clearly(request_):
+    # A request that is not an object, or ``args`` that is a number, boolean or null: llm-engine's forwarder
+    # fails these too, before any HTTP call (TypeError in its serialize_results_as_string lookup).
     with pytest.raises(MalformedRequest) as caught:
         plan_request(request_, "wrapped")
-    assert "request" in str(caught.value) or "serialize" in str(caught.value)
+    assert "request" in str(caught.value)
+
+
+@pytest.mark.parametrize("args", [{"x": 1}, [1, "two"], "just a string", "", []])
+def test_every_json_type_llm_engine_forwards_is_forwarded(args):
+    plan = plan_request({"args": args}, "wrapped")
+    assert plan.body == args and plan.serialize_as_string is True
+
+
+@pytest.mark.parametrize("args", [None, 7, True])
+def test_a_top_level_serialize_key_skips_the_args_check_as_in_llm_engine(args):
+    plan = plan_request({"args": args, "serialize_results_as_string": False}, "wrapped")
+    assert plan.body == args and plan.serialize_as_string is False
+
+
+@pytest.mark.parametrize(("value", "expected"), [("false", True), (0, False), ("", False), (1, True)])
+def test_serialize_key_is_read_with_python_truthiness_as_llm_engine_does(value, expected):
+    assert plan_request({"args": {"serialize_results_as_string": value}}, "wrapped").serialize_as_string is expected
 
 
 def test_raw_forwards_everything_and_stores_model_json():

@@ -118,6 +118,23 @@ def test_llm_engine_endpoint_config_fills_unset_hook_settings(tmp_path):
     assert settings.labels == {"team": "ml"}
 
 
+def test_endpoint_config_user_id_fills_the_callback_user_and_env_wins():
+    config = {"user_id": "owner-1", "post_inference_hooks": ["callback"]}
+    assert Settings.from_env({}, config).endpoint_user_id == "owner-1"
+    assert Settings.from_env({"FORWARDER_ENDPOINT_USER_ID": "ops"}, config).endpoint_user_id == "ops"
+
+
+def test_hooks_the_endpoint_config_names_but_this_worker_lacks_are_warned_about_and_skipped():
+    settings = Settings.from_env({}, {"post_inference_hooks": ["billing", "Callback", "billing"]})
+    assert settings.hooks == ("callback",)
+    assert [w for w in settings.warnings if "billing" in w] == [
+        "endpoint config hook 'billing' is not run by this worker; skipped (runs: callback, logging)"
+    ]
+    with pytest.raises(ConfigError) as caught:  # an operator's own list stays strict
+        Settings.from_env({"FORWARDER_HOOKS": "billing,callback"})
+    assert caught.value.variable == "FORWARDER_HOOKS"
+
+
 def test_unreadable_endpoint_config_is_a_start_error(tmp_path):
     path = tmp_path / "garbage"
     path.write_text("not base64 json!")
