@@ -264,7 +264,7 @@ def test_no_secret_in_logs(pool, spawn, producer, pickle_producer, results, queu
         send(producer, queue, {"args": {"id": 1}, "callback_url": f"{model.url}/callback", "callback_auth": auth}),
         send(producer, queue, {"args": {"id": 2}, "callback_url": closed, "callback_auth": auth}),
         send(producer, queue, {"args": {"id": 3}, "callback_url": closed}),  # the default (env) password
-        send(producer, queue, {"args": "bad", "callback_url": closed, "callback_auth": auth}),
+        send(producer, queue, {"args": None, "callback_url": closed, "callback_auth": auth}),  # malformed
         send(producer, queue, {"args": {"id": 5}, "callback_auth": auth}, name="some.other.task"),
     ]
     pickle_producer.send_task(TASK_NAME, args=[{"args": {"id": 6}, "callback_auth": auth}, datetime.now(), False],

@@ -72,7 +72,7 @@ def cases(model, text_model, hanging_model, closed: str) -> list[dict]:
 
     return [
         {"name": "success", "model": predict, "task": TASK_NAME, "request": request(1), "status": "SUCCESS"},
-        {"name": "malformed", "model": predict, "task": TASK_NAME, "request": {"args": PROMPT}, "status": "FAILURE"},
+        {"name": "malformed", "model": predict, "task": TASK_NAME, "request": {"args": 7, "prompt": PROMPT}, "status": "FAILURE"},
         {"name": "legacy name, malformed", "model": predict, "task": LEGACY_TASK_NAME, "request": [PROMPT],
          "status": "FAILURE"},
         {"name": "non-JSON answer", "model": f"{text_model.url}/predict", "task": TASK_NAME,
