@@ -216,10 +216,18 @@ def test_a_host_is_refused_when_any_of_its_addresses_is_internal(monkeypatch, ca
 
 def test_dns_rebinding_is_caught_when_the_connection_opens(monkeypatch, callback_receiver):
     # First answer (the pre-flight check) is public; the second (at connect time) points at loopback.
+    # Faked at the socket level, so a connection resolving the name by itself would get it too. One
+    # attempt: with more, the next attempt's pre-flight check would read the loopback answer and refuse
+    # it, whether or not the connection checked.
     resolver = fake_resolver(["93.184.216.34"], ["127.0.0.1"])
-    monkeypatch.setattr(callback_module, "_getaddrinfo", resolver)
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host: str, port: int, *args: object, **kwargs: object) -> list[tuple]:
+        return resolver(host, port) if host == "rebind.test" else real_getaddrinfo(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     with pytest.raises(CallbackRefused, match="rebind.test resolves to 127.0.0.1, which is loopback"):
-        client(allowed=()).send(f"http://rebind.test:{callback_receiver.port}/cb", {"task_id": "t"}, None)
+        client(allowed=(), attempts=1).send(f"http://rebind.test:{callback_receiver.port}/cb", {"task_id": "t"}, None)
     assert resolver.calls == ["rebind.test", "rebind.test"]
     time.sleep(0.05)
     assert callback_receiver.received == []
