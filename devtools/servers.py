@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -252,16 +253,23 @@ def serve_model_forever(port: int, delay: float = 0.0) -> None:
 
 
 class WorkerProcess:
-    """``python -m forwarder`` (optionally under ``ddtrace-run``) as a subprocess, output in a file."""
+    """``python -m forwarder`` (optionally under ``ddtrace-run``) as a subprocess, output in a file.
+
+    The output file and the worker's own temporary files (its ``TMPDIR``: prefork's ``pymp-*`` folders,
+    which a killed worker leaves) are in a folder of this object's own, removed once the worker is stopped
+    or killed (or at the latest when this object is collected, or at exit); ``output`` stays readable.
+    """
 
     def __init__(self, env: Mapping[str, str], *, ddtrace: bool = False, args: tuple[str, ...] = ()) -> None:
-        self.env = dict(env)
         self.ddtrace = ddtrace
         self.args = args
         self.process: subprocess.Popen[bytes] | None = None
-        handle, name = tempfile.mkstemp(prefix="forwarder-worker-", suffix=".log")
-        os.close(handle)
-        self.log_path = Path(name)
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="forwarder-worker-"))
+        self._remove_temp_dir = weakref.finalize(self, shutil.rmtree, self.temp_dir, ignore_errors=True)
+        self.env = {**env, "TMPDIR": str(self.temp_dir)}
+        self.log_path = self.temp_dir / "worker.log"
+        self.log_path.touch()
+        self._removed_output = ""  # what the log held when its folder was removed
 
     def command(self) -> list[str]:
         command = [sys.executable, "-m", "forwarder", *self.args]
@@ -271,6 +279,7 @@ class WorkerProcess:
         return command
 
     def start(self, wait_ready: bool = True, timeout: float = 60) -> WorkerProcess:
+        self.temp_dir.mkdir(mode=0o700, exist_ok=True)  # started again after a stop: a new log follows the old
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.command(), env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -282,7 +291,11 @@ class WorkerProcess:
 
     @property
     def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        try:
+            current = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:  # stopped: the log was kept in memory
+            current = ""
+        return self._removed_output + current
 
     def wait_for_log(self, text: str, timeout: float = 30, count: int = 1) -> None:
         def seen() -> bool:
@@ -333,8 +346,9 @@ class WorkerProcess:
         return self.process.wait(timeout)
 
     def stop(self, timeout: float = 60) -> int | None:
-        """Warm shutdown (SIGTERM), then SIGKILL of the whole process group if it hangs."""
+        """Warm shutdown (SIGTERM), then SIGKILL of the whole process group if it hangs; then remove its files."""
         if self.process is None:
+            self._remove_files()
             return None
         if self.process.poll() is None:
             self.signal(signal.SIGTERM)
@@ -344,20 +358,29 @@ class WorkerProcess:
                 os.killpg(self.pid, signal.SIGKILL)
                 self.process.wait()
         self._reap_group()
+        self._remove_files()
         return self.process.returncode
 
     def kill(self) -> None:
-        """SIGKILL the worker and its children, as an OOM kill would."""
+        """SIGKILL the worker and its children, as an OOM kill would; then remove its files."""
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.pid, signal.SIGKILL)
             self.process.wait()
-        self._reap_group()
+        if self.process is not None:
+            self._reap_group()
+        self._remove_files()
 
     def _reap_group(self) -> None:
         try:
             os.killpg(self.pid, signal.SIGKILL)  # orphaned prefork children, if any
         except (ProcessLookupError, PermissionError):
             pass
+
+    def _remove_files(self) -> None:
+        """Keep the output in memory and remove the worker's folder (its log and temporary files)."""
+        if self.temp_dir.exists():
+            self._removed_output = self.output
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def worker_env(base: Mapping[str, str] | None = None, **overrides: str) -> dict[str, str]:

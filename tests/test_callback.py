@@ -7,6 +7,7 @@ the worker as in production (both pools) with a callback receiver started by the
 from __future__ import annotations
 
 import datetime
+import errno
 import ipaddress
 import json
 import logging
@@ -40,6 +41,36 @@ POOLS = ["prefork", "gevent"]
 def client(allowed: tuple[str, ...] = ("127.0.0.1",), *, timeout: float = 2, attempts: int = 3,
            **kwargs: object) -> CallbackClient:
     return CallbackClient(timeout=timeout, attempts=attempts, allowed_hosts=allowed, backoff=0.02, **kwargs)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+@pytest.fixture(autouse=True)
+def off_host_connects(monkeypatch) -> list[tuple]:
+    """A fake transport for every address off this machine; returns the connections it refused.
+
+    In this process, TCP connections to loopback (the tests' own servers) go through; any other
+    (169.254.169.254, 10/8, fc00::/7, a public address) is recorded and refused with ECONNREFUSED before a
+    packet is sent, so a broken guard (mutation testing) never reaches it. The end-to-end tests' workers
+    are other processes: those tests use loopback callback URLs only.
+    """
+    refused: list[tuple] = []
+    real_connect = socket.socket.connect
+
+    def connect(sock: socket.socket, address) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
+            refused.append(tuple(address[:2]))
+            raise ConnectionRefusedError(errno.ECONNREFUSED, f"test transport: {address[0]} is off this machine")
+        real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    return refused
 
 
 def fake_resolver(*answers: list[str]):
@@ -157,11 +188,12 @@ def test_connection_refused_is_retried_then_reported():
         ("http://[2002:7f00:1::]/x", "6to4 loopback"),
     ],
 )
-def test_internal_destinations_are_refused_without_any_request(callback_receiver, url, reason):
+def test_internal_destinations_are_refused_without_any_request(callback_receiver, off_host_connects, url, reason):
     with pytest.raises(CallbackRefused, match=re.escape(reason)):
         client(allowed=()).send(url.format(port=callback_receiver.port), {"task_id": "t"}, ("u", SECRET))
     time.sleep(0.05)
     assert callback_receiver.received == []
+    assert off_host_connects == []
 
 
 @pytest.mark.parametrize(
@@ -217,10 +249,18 @@ def test_a_host_is_refused_when_any_of_its_addresses_is_internal(monkeypatch, ca
 
 def test_dns_rebinding_is_caught_when_the_connection_opens(monkeypatch, callback_receiver):
     # First answer (the pre-flight check) is public; the second (at connect time) points at loopback.
+    # Faked at the socket level, so a connection resolving the name by itself would get it too. One
+    # attempt: with more, the next attempt's pre-flight check would read the loopback answer and refuse
+    # it, whether or not the connection checked.
     resolver = fake_resolver(["93.184.216.34"], ["127.0.0.1"])
-    monkeypatch.setattr(callback_module, "_getaddrinfo", resolver)
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host: str, port: int, *args: object, **kwargs: object) -> list[tuple]:
+        return resolver(host, port) if host == "rebind.test" else real_getaddrinfo(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     with pytest.raises(CallbackRefused, match="rebind.test resolves to 127.0.0.1, which is loopback"):
-        client(allowed=()).send(f"http://rebind.test:{callback_receiver.port}/cb", {"task_id": "t"}, None)
+        client(allowed=(), attempts=1).send(f"http://rebind.test:{callback_receiver.port}/cb", {"task_id": "t"}, None)
     assert resolver.calls == ["rebind.test", "rebind.test"]
     time.sleep(0.05)
     assert callback_receiver.received == []
@@ -518,4 +558,44 @@ def test_e2e_failed_task_fires_the_callback_with_the_error_text(
     assert seen.body["task_id"] == failed.id and seen.body["state"] == "FAILURE"
     assert "not JSON" in seen.body["error"] and seen.body["error"] == str(failed.result)
     wait_for(lambda: "delivered to" in worker.output, 10, "the callback's log line")
+    assert SECRET not in worker.output
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_e2e_internal_callback_hosts_are_refused_without_an_allow_list(
+    pool, start_worker, producer, model, queue, callback_receiver
+):
+    # The default mode: no allow-list, so the internal-address check alone stands between a request's
+    # callback_url and the worker's network. Every URL names the test's own receiver on loopback, so a
+    # broken guard would deliver there (and send nothing off this machine); the metadata service, 10/8
+    # and fc00::/7 are refused by the unit tests above, over the fake transport.
+    env = {name: value for name, value in CALLBACK_ENV.items() if name != "FORWARDER_CALLBACK_ALLOWED_HOSTS"}
+    worker = start_worker(pool, **env)
+    port = callback_receiver.port
+    reasons = {
+        f"http://127.0.0.1:{port}/cb": "callback address 127.0.0.1 is loopback; refused",
+        f"http://localhost:{port}/cb": "callback host localhost resolves to ",  # 127.0.0.1 or ::1
+        f"http://2130706433:{port}/cb": "resolves to 127.0.0.1, which is loopback; refused",
+        f"http://[::ffff:127.0.0.1]:{port}/cb": "which is IPv4-mapped loopback; refused",
+    }
+    sent = {
+        send(producer, {"args": {"id": i}, "callback_url": url, "callback_auth": basic()}, queue=queue): reason
+        for i, (url, reason) in enumerate(reasons.items())
+    }
+    for result in sent:
+        assert result.get(timeout=30)["status_code"] == 200 and result.status == "SUCCESS"
+
+    def outcomes() -> dict[str, str] | None:
+        # Each task's hook ends in one line: delivered (the guard let it through) or failed.
+        ends = {result.id: (f"callback for task {result.id} delivered", f"hook callback failed for task {result.id}:")
+                for result in sent}
+        found = {task: line for line in worker.output.splitlines() for task, texts in ends.items()
+                 if any(text in line for text in texts)}
+        return found if len(found) == len(sent) else None
+
+    lines = wait_for(outcomes, 20, "the callback hook's outcome for every task")
+    for result, reason in sent.items():
+        assert f"failed for task {result.id}: CallbackRefused: " in lines[result.id], lines[result.id]
+        assert reason in lines[result.id] and "loopback" in lines[result.id], lines[result.id]
+    assert callback_receiver.received == []
     assert SECRET not in worker.output

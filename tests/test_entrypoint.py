@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from devtools.servers import worker_env
+from devtools.servers import free_port, worker_env
 from forwarder.settings import VARS
 
 # A bad value for every variable that is validated (free-text ones accept anything).
@@ -74,8 +74,11 @@ def test_every_validated_variable_has_a_bad_value_here():
 @pytest.mark.parametrize(("name", "value"), sorted(BAD_VALUES.items()))
 def test_invalid_env_stops_the_worker_with_one_line_and_status_2(name, value):
     # FORWARDER_READY_TIMEOUT=0 and an unreachable broker: had validation passed, the worker would
-    # try to run; it must stop before that.
-    done = run_forwarder(**{name: value})
+    # try to run (and keep retrying the broker until the timeout); it must stop before that.
+    unreachable = f"redis://127.0.0.1:{free_port()}"
+    env = {"FORWARDER_READY_TIMEOUT": "0", "CELERY_BROKER_URL": f"{unreachable}/0",
+           "CELERY_RESULT_BACKEND": f"{unreachable}/1"}
+    done = run_forwarder(**{**env, name: value})
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr

@@ -96,9 +96,10 @@ def run_child(pool: str, check: str, redis_server, model, queue: str, frame_case
         "FORWARDER_HEALTHCHECK_URL": f"{model.url}/readyz",
         "FORWARDER_MODEL_READ_TIMEOUT": "0.5",
         "FORWARDER_RETRY_MAX": "1",
-        # The callback hook fails on every task: its default URL is the metadata service (refused).
+        # The callback hook fails on every task: its default URL is a loopback address, refused (no
+        # allow-list). Not the metadata service: were the guard broken, the child would really call it.
         "FORWARDER_HOOKS": "callback,logging",
-        "FORWARDER_CALLBACK_URL": "http://169.254.169.254/latest/meta-data",
+        "FORWARDER_CALLBACK_URL": f"http://127.0.0.1:{free_port()}/callback",
         "FIREHOSE_STREAM_NAME": "no-such-stream",
         "FIREHOSE_ROLE_ARN": "arn:aws:iam::123456789012:role/logging",
         "FRAME_CHECK": check,
@@ -120,6 +121,7 @@ def test_failed_tasks_retries_and_failing_hooks_leave_no_frame_holding_data(
     assert done.stdout.count("\n") == 7  # every case ran, with the expected state
     # Hooks run once a task is over: the warm-up and every case but the RETRY one.
     assert done.stderr.count("hook logging failed") == 7 and "ResourceNotFoundException" in done.stderr
+    assert done.stderr.count("hook callback failed") == 7 and "is loopback; refused" in done.stderr
 
 
 @pytest.mark.parametrize("pool", ["prefork", "gevent"])
