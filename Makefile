@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help demo demo-gevent test test-fast lint lock bench soak clean
+.PHONY: help demo demo-gevent test test-fast lint lock bench soak scale clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
@@ -36,6 +36,9 @@ bench: $(STAMP)  ## pools and overhead benchmarks, 8-14 min (JSON + PNG under be
 
 soak: $(STAMP)  ## the 20,000-task memory soak with its negative controls, 11-25 min
 	$(PY) -m bench.run --only soak $(BENCH_ARGS)
+
+scale: $(STAMP)  ## gevent at concurrency 32-1024 against a 1 s model (prefork 32/64 for memory), ~5 min
+	$(PY) -m bench.run --only scale $(BENCH_ARGS)
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .ruff_cache .pytest_cache .mypy_cache

@@ -60,6 +60,11 @@ class Completions:
         self._client.close()
 
 
+#: Worker log text meaning an ack failed or a connection pool ran out.
+POOL_ERRORS = ("Couldn't ack", "could not ack", "MaxConnectionsError", "Too many connections",
+               "pop from empty list", "I/O operation on closed file")
+
+
 def queue_tasks(stack: Stack, queue: str, count: int) -> float:
     """Queue ``count`` tasks as llm-engine's gateway sends them; returns the tasks/s of sending."""
     from devtools.demo import producer
@@ -84,8 +89,13 @@ def measure(
     *,
     memory_at: Iterable[float] = (0.5, 0.85),
     rss_every: int = 0,
+    window: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Run ``tasks`` queued tasks through a fresh worker of ``variant``; returns what was measured."""
+    """Run ``tasks`` queued tasks through a fresh worker of ``variant``; returns what was measured.
+
+    Throughput counts the completions between the 10 % and 90 % marks, or between the ``window``
+    completions (1-based: from the ``window[0]``-th to the ``window[1]``-th).
+    """
     queue = f"bench-{uuid.uuid4().hex[:10]}"
     send_rate = queue_tasks(stack, queue, tasks)
     completions = Completions(f"{stack.redis.url}/1")
@@ -95,7 +105,7 @@ def measure(
     started = time.monotonic()
     worker.start(timeout=90)
     ready_s = time.monotonic() - started
-    marks = {"low": int(tasks * 0.1), "high": int(tasks * 0.9)}
+    marks = {"low": int(tasks * 0.1), "high": int(tasks * 0.9)} if window is None else dict(zip(("low", "high"), window, strict=True))
     cpu: dict[str, tuple[int, float]] = {}
     memory_marks = sorted(int(tasks * f) for f in memory_at)
     memory: list[dict[str, float]] = []
@@ -119,6 +129,8 @@ def measure(
                 rss_samples.append((done, worker.rss()))
                 next_rss = done + rss_every
             time.sleep(0.02)
+        if "high" not in cpu:  # the mark is the last task: the loop ended before sampling it
+            cpu["high"] = (completions.count, worker.cpu_seconds())
         if "callback" in variant.hooks:  # hooks run after the result is stored: let the last ones finish
             settle = time.monotonic() + 15
             while stack.callbacks_received() - callbacks_before < tasks and time.monotonic() < settle:
@@ -149,6 +161,7 @@ def measure(
         "send_tasks_per_s": send_rate,
         "loadavg_1m": [load_before, os.getloadavg()[0]],
         "hook_failures": output.count("failed for task"),
+        "pool_errors": sum(output.count(text) for text in POOL_ERRORS),
         "callbacks": stack.callbacks_received() - callbacks_before if "callback" in variant.hooks else None,
     }
     if rss_every:

@@ -52,6 +52,27 @@ def plot(section: str, data: dict[str, Any], path: Path) -> None:
                xticklabels=[f"{g['pool']}\nlogging hook {'on' if g['hooks'] != 'none' else 'off'}" for g in groups])
         ax.title.set_fontsize(9)
         ax.legend(loc="lower right")
+    elif section == "scale":
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for delay in sorted({r["model_delay_s"] for r in data["rows"] if r["variant"]["pool"] == "gevent"}):
+            rows = sorted((r for r in data["rows"] if r["variant"]["pool"] == "gevent" and r["model_delay_s"] == delay),
+                          key=lambda r: r["concurrency"])
+            conc = [r["concurrency"] for r in rows]
+            axes[0].plot(conc, [r["ratio_of_limit"] for r in rows], "o-", label=f"gevent, {delay:g} s model")
+            axes[1].plot(conc, [r["memory_mb"]["rss"] for r in rows], "o-", label=f"gevent RSS, {delay:g} s model")
+        prefork = sorted((r for r in data["rows"] if r["variant"]["pool"] == "prefork"), key=lambda r: r["concurrency"])
+        if prefork:
+            axes[0].plot([r["concurrency"] for r in prefork], [r["ratio_of_limit"] for r in prefork], "s--", label="prefork")
+            axes[1].plot([r["concurrency"] for r in prefork], [r["memory_mb"]["rss"] for r in prefork], "s--",
+                         label="prefork RSS (reference)")
+        axes[0].axhline(0.9, color="grey", lw=0.8, ls=":")
+        axes[0].set(title="throughput / physical limit (concurrency / latency)", xlabel="concurrency (log)",
+                    ylabel="ratio", xscale="log", ylim=(0, 1.05))
+        axes[1].axhline(150, color="grey", lw=0.8, ls=":")
+        axes[1].set(title="worker memory", xlabel="concurrency (log)", ylabel="MB RSS (log)", xscale="log",
+                    yscale="log")
+        for ax in axes:
+            ax.legend(fontsize=8)
     else:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         for row in data["rows"]:

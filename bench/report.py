@@ -65,4 +65,18 @@ def summary(sections: dict[str, dict[str, Any]]) -> str:
                 f"({leaky['tasks_per_s'] / base['tasks_per_s']:.2f}x)",
             ]
         lines.append("")
+    if "scale" in sections:
+        data = sections["scale"]
+        lines += ["### scale (asyncio model; tasks = 4 x concurrency)", "",
+                  "| pool | concurrency | model s | tasks/s | of the limit | RSS MB | USS MB | RSS/in-flight MB "
+                  "| CPU s/1000 tasks | model saw twice | ack/pool errors |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in data["rows"]:
+            m = r["memory_mb"]
+            lines.append(f"| {r['variant']['pool']} | {r['concurrency']} | {r['model_delay_s']:g} | {r['tasks_per_s']:.1f} "
+                         f"| {r['ratio_of_limit']:.3f} | {m['rss']:.0f} | {m['uss']:.0f} | {r['rss_per_in_flight_mb']:.2f} "
+                         f"| {r['cpu_s_per_1000']:.2f} | {r['model_duplicates']} | {r['pool_errors']} |")
+        for alone in data.get("model_alone", []):
+            lines.append(f"\nModel alone: {alone['connections']} keep-alive connections, {alone['delay_s']:g} s: "
+                         f"{alone['requests_per_s']:.0f} requests/s ({alone['ratio_of_limit']:.3f} of the limit).")
+        lines.append("")
     return "\n".join(lines)

@@ -13,6 +13,10 @@ Sections (side by side in the same run, reported as ratios):
 - overhead: the forwarder vs ``bench.bare_worker`` (a bare Celery worker doing only the POST), same
   pool, concurrency and servers, logging hook off and on, with an instant model (the worst case for
   per-task overhead); tasks/s and worker CPU ms per task.
+- scale: gevent at concurrency 32 to 1,024 against an asyncio model of 1 s (and 5 s at 1,024), 4 x
+  concurrency tasks each, prefork at 32 and 64 as the memory reference: throughput against the physical
+  limit (concurrency / latency), RSS and USS, CPU per 1,000 tasks, requests the model saw twice, ack and
+  pool errors in the log; the model is first measured alone with as many connections.
 - soak: 20,000 tasks with the callback and logging hooks on, per pool; worker RSS sampled as tasks
   complete, slope in MB per 1,000 tasks after the first 2,000. Negative control: ``bench.leaky_worker``
   (a Firehose client built per put). Also prefork with MALLOC_ARENA_MAX=2 and with jemalloc.
@@ -38,6 +42,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import requests
+
 from bench.measure import ROOT, machine, measure, slope_per_1000
 from bench.plots import plot
 from bench.report import summary
@@ -45,7 +51,7 @@ from bench.servers import ROLE_ARN, Stack
 from bench.workers import JEMALLOC, OVERHEAD_PROGRAMS, Variant
 
 RESULTS = ROOT / "bench" / "results"
-SECTIONS = ("pools", "overhead", "soak")
+SECTIONS = ("pools", "overhead", "soak", "scale")
 
 
 @dataclass(frozen=True)
@@ -66,11 +72,16 @@ class Plan:
     leaky_tasks: int = 4_000  # ~9 tasks/s: a client per put costs ~0.2 CPU s
     leaky_retained_tasks: int = 400  # every session and client kept (~8 MB each): RSS grows by the GB
     soak_model_delay: float = 0.0
+    scale_gevent: tuple[tuple[int, float], ...] = ((32, 1.0), (128, 1.0), (256, 1.0), (512, 1.0), (1024, 1.0),
+                                                  (1024, 5.0))  # (concurrency, model seconds)
+    scale_prefork: tuple[int, ...] = (32, 64)  # the memory reference
+    scale_waves: int = 4  # tasks = waves x concurrency
 
 
 QUICK = Plan(
     pool_concurrency=(4, 32), pool_seconds=3.0, overhead_tasks=250, overhead_reps=1, soak_tasks=800,
     soak_warmup=200, soak_sample_every=50, leaky_tasks=200, leaky_retained_tasks=100,
+    scale_gevent=((32, 1.0), (256, 1.0)), scale_prefork=(32,),
 )
 
 
@@ -203,6 +214,44 @@ def run_soak(stack: Stack, plan: Plan) -> dict[str, Any]:
             "ratios": ratios, "target": "slope < 0.1 MB per 1,000 tasks after the first 2,000; leaky clearly larger"}
 
 
+def run_scale(stack: Stack, plan: Plan) -> dict[str, Any]:
+    """gevent at rising concurrency against a model of fixed latency: the physical limit is concurrency / latency."""
+    from bench.model_async import capacity
+
+    rows, alone = [], []
+    configs = [("gevent", c, d) for c, d in plan.scale_gevent] + [("prefork", c, 1.0) for c in plan.scale_prefork]
+    for pool, concurrency, delay in configs:
+        model = stack.async_model(delay)
+        try:
+            if pool == "gevent" and concurrency == max(c for c, _ in plan.scale_gevent):
+                # The model alone, with as many keep-alive clients as the worker has slots: never the bottleneck.
+                served = capacity(model.url + "/predict", concurrency, 3 * delay)
+                alone.append({"connections": concurrency, "delay_s": delay, "requests_per_s": served,
+                              "ratio_of_limit": served / (concurrency / delay)})
+                log(f"scale: model alone, {concurrency} connections, {delay:g} s: {served:.0f} req/s "
+                    f"({served / (concurrency / delay):.3f} of the limit)")
+            variant = Variant(f"{pool}-{concurrency}-{delay:g}s", pool=pool, concurrency=concurrency)
+            # Tasks finish in waves of ``concurrency``: count from the end of the first wave to the end of the
+            # last, so a worker at the physical limit measures exactly concurrency / latency.
+            tasks = plan.scale_waves * concurrency
+            result = measure(stack, variant, tasks, model.url, window=(concurrency, tasks))
+            stats = requests.get(model.url + "/stats", timeout=10).json()
+        finally:
+            model.stop()
+        limit = concurrency / delay
+        rss = result["memory_mb"]["rss"]
+        result.update(concurrency=concurrency, model_delay_s=delay, limit_tasks_per_s=limit,
+                      ratio_of_limit=result["tasks_per_s"] / limit, rss_per_in_flight_mb=rss / concurrency,
+                      cpu_s_per_1000=(result["cpu_ms_per_task"] or 0.0), model_requests=stats["total"],
+                      model_duplicates=stats["duplicates"], model_peak_in_flight=stats["peak_in_flight"])
+        rows.append(result)
+        log(f"scale {variant.label}: {result['tasks_per_s']:.1f} of {limit:.0f} tasks/s ({result['ratio_of_limit']:.3f}), "
+            f"RSS {rss:.0f} MB, USS {result['memory_mb']['uss']:.0f} MB, {result['cpu_s_per_1000']:.2f} CPU s/1000, "
+            f"duplicates {stats['duplicates']}, pool errors {result['pool_errors']}")
+    return {"rows": rows, "model_alone": alone,
+            "target": "at 1,024 in flight: >= 0.9 of the physical limit, under 150 MB, each request seen once"}
+
+
 def run_sections(sections: Iterable[str], plan: Plan, meta: dict[str, Any], out: Path) -> None:
     with Stack() as stack:
         for section in sections:
@@ -214,7 +263,7 @@ def run_sections(sections: Iterable[str], plan: Plan, meta: dict[str, Any], out:
 
 
 RUNNERS: dict[str, Callable[[Stack, Plan], dict[str, Any]]] = {
-    "pools": run_pools, "overhead": run_overhead, "soak": run_soak,
+    "pools": run_pools, "overhead": run_overhead, "soak": run_soak, "scale": run_scale,
 }
 
 

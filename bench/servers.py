@@ -102,6 +102,10 @@ class Stack:
             server.stop()
         self.redis.stop()
 
+    def async_model(self, delay: float) -> ServerProcess:
+        """A fresh asyncio model server (its own counts) answering after ``delay`` seconds; the caller stops it."""
+        return ServerProcess("async-model", delay, ready_path="/readyz").start()
+
     def model_url(self, delay: float) -> str:
         """The model server answering after ``delay`` seconds (started on first use)."""
         if delay not in self.models:
@@ -185,6 +189,13 @@ def main(argv: list[str]) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # for sigwait
     if kind == "model":
         serve_model_forever(port, float(argv[2]))
+    elif kind == "async-model":
+        import asyncio
+
+        from bench.model_async import serve
+
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})  # asyncio handles them
+        asyncio.run(serve(port, float(argv[2])))
     elif kind == "moto":
         _serve_moto(port)
     elif kind == "receiver":

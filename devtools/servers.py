@@ -146,6 +146,9 @@ class QuietHandler(BaseHTTPRequestHandler):
 class _LocalHTTPServer(ThreadingHTTPServer):
     allow_reuse_address = True  # a server restarted on its port (a model coming back) gets it at once
     daemon_threads = True
+    # socketserver's default backlog is 5: a worker opening hundreds of connections at once would see
+    # connects dropped and retried (seconds each), and measure the server instead of itself.
+    request_queue_size = 1024
 
 
 def serve_http(

@@ -55,6 +55,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": settings.effective_prefetch_multiplier,
         # One result backend (one connection pool / S3 client) per process, not per greenlet.
         "result_backend_thread_safe": True,
+        # Publishing (retries) from every slot at once; sizes from forwarder.pools.
+        "broker_pool_limit": settings.pools.broker_pool_limit,
         "task_default_queue": settings.queue,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": broker_transport_options(settings),
@@ -73,11 +75,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     if settings.result_backend.startswith("s3://"):
         # Read by gateways.s3_backend (see result_backend_class); the endpoint is boto3's own
         # AWS_ENDPOINT_URL, the credentials boto3's default chain.
-        config["s3_max_pool_connections"] = settings.concurrency
+        config["s3_max_pool_connections"] = settings.pools.per_process_clients
         if settings.aws_region:
             config["s3_region"] = settings.aws_region
     if settings.result_backend.startswith(("redis://", "rediss://")):
         config.update(
+            redis_max_connections=settings.pools.result_connections,
             redis_socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
             redis_socket_timeout=REDIS_SOCKET_TIMEOUT,
             redis_retry_on_timeout=True,
@@ -132,12 +135,16 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
             "polling_interval": settings.sqs_polling_interval,
             # Unused with predefined queues (the queue's own VisibilityTimeout applies).
             "visibility_timeout": settings.visibility_timeout,
+            # kombu's boto3 client (acks are DeleteMessage calls, one per slot at once under gevent).
+            "client-config": {"max_pool_connections": settings.pools.broker_connections},
         }
         if settings.aws_region:
             options["region"] = settings.aws_region
         return options
     return {
         "visibility_timeout": settings.visibility_timeout,
+        # kombu's pool for acks and bookkeeping raises when full ("Couldn't ack"): one per acking slot.
+        "max_connections": settings.pools.broker_connections,
         "socket_connect_timeout": REDIS_CONNECT_TIMEOUT,
         "socket_timeout": REDIS_SOCKET_TIMEOUT,
         "socket_keepalive": True,

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from forwarder import __version__
 from forwarder.errors import ConfigError
 from forwarder.pool_bootstrap import EXIT_CONFIG
+from forwarder.pools import ensure_open_files
 from forwarder.settings import describe, load_settings
 from gateways.model_server import ModelNotReady
 
@@ -53,9 +54,16 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return run_demo(pool=args.pool, tasks=args.tasks)
     try:
         settings = load_settings(env)
+        raised = ensure_open_files(settings.pools.open_files)
     except ConfigError as exc:
         print(f"forwarder: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except ValueError as exc:  # the open-file limit cannot hold the concurrency
+        print(f"forwarder: configuration error: CELERY_WORKER_CONCURRENCY={settings.concurrency} {exc}",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    if raised:
+        print(f"forwarder: {raised}", file=sys.stderr)
     if args.command == "check":
         print(f"forwarder: configuration OK (pool={settings.pool}, queue={settings.queue}, broker={_safe(settings.broker_url)})")
         for warning in settings.warnings:

@@ -51,7 +51,7 @@ def model_client(settings: Settings) -> ModelClient:
         settings.healthcheck_url,
         connect_timeout=settings.model_connect_timeout,
         read_timeout=settings.model_read_timeout,
-        pool_size=settings.concurrency,
+        pool_size=settings.pools.model_connections,
     )
 
 
@@ -70,7 +70,7 @@ def callback_hook(settings: Settings) -> CallbackHook:
         timeout=settings.callback_timeout,
         attempts=settings.callback_attempts,
         allowed_hosts=settings.callback_allowed_hosts,
-        pool_size=max(1, settings.concurrency),
+        pool_size=settings.pools.per_process_clients,
     )
     has_default = bool(settings.callback_username or settings.callback_password)
     return CallbackHook(

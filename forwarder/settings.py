@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from forwarder.endpoint_config import read_endpoint_config
 from forwarder.errors import ConfigError
 from forwarder.pool_bootstrap import DEFAULT_POOL, POOL_ENV, POOLS
+from forwarder.pools import PoolSizes, pool_sizes
 
 RESULT_FORMATS = ("wrapped", "raw")
 HOOK_NAMES = ("callback", "logging")
@@ -190,7 +191,7 @@ VARS: tuple[Var, ...] = (
     Var("FIREHOSE_ROLE_ARN", "", _text, "Role assumed (STS) for Firehose; unset: the default credential chain.", "firehose_role_arn"),
     Var("FIREHOSE_SESSION_DURATION", "3600", lambda raw: _bounded_int(raw, 900, 43200), "Assume-role session length in seconds (900-43200); an hour avoids botocore's 15-minute refresh on every call.", "firehose_session_duration"),
     Var("FIREHOSE_REFRESH_LEEWAY", "600", _non_negative_float, "Rebuild the Firehose client this many seconds before its credentials expire.", "firehose_refresh_leeway"),
-    Var("FIREHOSE_CLIENT_MAX_POOL_CONNECTIONS", "", _optional_positive_int, "Connection pool of the Firehose client (unset: the worker concurrency, at least 10).", "firehose_max_pool_connections"),
+    Var("FIREHOSE_CLIENT_MAX_POOL_CONNECTIONS", "", _optional_positive_int, "Connection pool of the Firehose client (unset: the tasks one process runs at once, plus a margin, at least 10).", "firehose_max_pool_connections"),
     # --- memory diagnostics
     Var("FORWARDER_MEMORY_DEBUG", "0", _bool, "1: trace allocations and log a memory dump per process every interval and on SIGUSR2.", "memory_debug"),
     Var("FORWARDER_MEMORY_DEBUG_INTERVAL", "300", _positive_float, "Seconds between memory dumps.", "memory_debug_interval"),
@@ -280,9 +281,14 @@ class Settings:
         return cls(**values)
 
     @property
+    def pools(self) -> PoolSizes:
+        """The size of every connection pool, from the pool kind and the concurrency (``forwarder.pools``)."""
+        return pool_sizes(self.pool, self.concurrency)
+
+    @property
     def firehose_pool_size(self) -> int:
-        """Connections in the Firehose client's pool: explicit, or enough for every slot."""
-        return self.firehose_max_pool_connections or max(10, self.concurrency)
+        """Connections in the Firehose client's pool: explicit, or enough for the process's tasks."""
+        return self.firehose_max_pool_connections or self.pools.per_process_clients
 
     @property
     def effective_prefetch_multiplier(self) -> int:

@@ -17,7 +17,7 @@ from celery import Task, states
 from celery.exceptions import InvalidTaskError
 from celery.worker.request import Request
 
-from forwarder import deps
+from forwarder import acks, deps
 from forwarder.errors import ForwarderError, MalformedRequest
 from forwarder.payload import error_payload, format_trace, plan_request, shape_result
 from gateways.errors import GatewayError, release_exception
@@ -72,6 +72,12 @@ class CheckedRequest(Request):
         headers = kwargs.get("headers") or getattr(message, "headers", None)
         _store_refusal(kwargs.get("task"), headers, refused)
         raise refused from None
+
+    def acknowledge(self) -> None:
+        """Ack the message, retrying a broker blip (``forwarder.acks``) instead of kombu's log-and-forget."""
+        if not self.acknowledged:  # type: ignore[has-type]
+            acks.acknowledge(self._message, self.task_id, self._connection_errors)
+            self.acknowledged = True
 
 
 def _store_refusal(task: Task | None, headers: Any, exc: InvalidTaskError) -> None:

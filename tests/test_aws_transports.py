@@ -129,7 +129,7 @@ def test_s3_url_gives_bucket_and_a_folder_prefix():
 
 def test_s3_results_select_the_cached_client_backend_for_this_app_only(monkeypatch):
     env = {"CELERY_RESULT_BACKEND": "s3://bucket/tmp/celery", "AWS_REGION": "eu-west-1",
-           "CELERY_WORKER_CONCURRENCY": "32"}
+           "CELERY_WORKER_POOL": "gevent", "CELERY_WORKER_CONCURRENCY": "32"}
     # As in the worker: Celery prefers this variable to the app's own result_backend setting.
     monkeypatch.setenv("CELERY_RESULT_BACKEND", env["CELERY_RESULT_BACKEND"])
     settings = Settings.from_env(env)
@@ -140,7 +140,7 @@ def test_s3_results_select_the_cached_client_backend_for_this_app_only(monkeypat
     assert type(backend) is S3ResultBackend
     assert (backend.bucket_name, backend.base_path) == ("bucket", "tmp/celery/")
     assert backend.client_config.region == "eu-west-1"
-    assert backend.client_config.max_pool_connections == 32
+    assert backend.client_config.max_pool_connections == 32 + 8  # every greenlet, plus forwarder.pools.MARGIN
     assert backend.as_uri() == "s3://bucket/tmp/celery"
     assert pickle.loads(pickle.dumps(backend)).base_path == "tmp/celery/"
     # Building the backend connects nothing (the worker's main process builds it before forking).

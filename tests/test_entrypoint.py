@@ -6,6 +6,7 @@ its exit status; every child has a timeout so a deadlock fails instead of hangin
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,26 @@ def test_gevent_patches_socket_and_ssl_before_any_network_library():
 def test_prefork_never_imports_gevent():
     done = run_child("prefork_imports.py", "prefork")
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def check_with_open_files(soft: int, hard: int, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m forwarder check`` in a process whose RLIMIT_NOFILE is (soft, hard)."""
+    return subprocess.run(
+        [sys.executable, "-m", "forwarder", "check"], env=worker_env(**env), capture_output=True, text=True,
+        timeout=60, stdin=subprocess.DEVNULL,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)),
+    )
+
+
+def test_an_open_file_limit_too_low_for_the_concurrency_stops_the_worker_naming_both_numbers():
+    done = check_with_open_files(256, 256, CELERY_WORKER_POOL="gevent", CELERY_WORKER_CONCURRENCY="1024")
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert "CELERY_WORKER_CONCURRENCY=1024" in lines[0] and "3136" in lines[0] and "256" in lines[0], lines[0]
+
+
+def test_a_low_soft_open_file_limit_is_raised_to_the_hard_one():
+    done = check_with_open_files(128, 4096, CELERY_WORKER_POOL="gevent", CELERY_WORKER_CONCURRENCY="256")
+    assert done.returncode == 0, done.stderr
+    assert "open-file limit raised from 128 to 4096 (needed about 832)" in done.stderr

@@ -11,10 +11,13 @@ What happens to one message, start to end:
    post-inference hooks (``hooks.HookRunner``: callback, logging), then ``after_task`` of each extension
    in reverse order.
 5. ``task_done`` of each extension in reverse order, for every outcome (Celery's ``task_postrun``).
-6. Celery acks the message (late acks: only now).
+6. Celery acks the message (late acks: only now); ``tasks.CheckedRequest.acknowledge`` retries a broker
+   blip with backoff (``forwarder.acks``) instead of losing the ack.
 
 Around each process: ``install`` (once, before the worker is built), ``process_start`` (main process
 and each prefork child), ``process_ready`` (once consuming), ``process_stop``. See ``base.Extension``.
+Before any of it, ``cli`` checks the open-file limit against the concurrency, and every connection pool
+is sized from it in one place (``forwarder.pools``).
 
 Adding a concern: one module in this package, one line in ``default_extensions``.
 """
