@@ -16,6 +16,12 @@ from gateways.model_server import ModelConnectionError
 REDIS_CONNECT_TIMEOUT = 5.0
 #: Seconds a Redis read may block; above the broker's 1 s BRPOP so polling never trips it.
 REDIS_SOCKET_TIMEOUT = 30.0
+#: A result store that fails (connection reset, S3 5xx or timeout) is retried this many times, with full-jitter
+#: backoff from 0.2 s up to 5 s (Celery's result_backend_always_retry), before the task is handed back.
+RESULT_STORE_RETRIES = 5
+RESULT_STORE_BACKOFF_MS = (200, 5000)
+#: The Redis result backend's own reconnect loop inside each store (Celery's default: 20 tries, ~20 s).
+REDIS_RESULT_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 #: AWS SQS endpoints: sqs.<region>.amazonaws.com[.cn], VPC endpoints ...sqs.<region>.vpce.amazonaws.com,
 #: and the legacy <region>.queue.amazonaws.com.
 _SQS_HOST = re.compile(
@@ -28,11 +34,9 @@ def build_app(settings: Settings) -> Celery:
     """A Celery app configured for forwarding, with both task names registered."""
     app = Celery("forwarder", set_as_current=True)
     app.conf.update(celery_config(settings))
-    backend = result_backend_class(settings)
-    if backend is not None:
-        # Not through result_backend: Celery lets os.environ["CELERY_RESULT_BACKEND"] (the variable this
-        # worker is configured by) win over the app's configuration. backend_cls wins over both.
-        app.backend_cls = backend
+    # Not through result_backend: Celery lets os.environ["CELERY_RESULT_BACKEND"] (the variable this worker
+    # is configured by) win over the app's configuration. backend_cls wins over both.
+    app.backend_cls = result_backend_class(settings)
     register_tasks(app, settings)
     return app
 
@@ -57,6 +61,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend_thread_safe": True,
         # Publishing (retries) from every slot at once; sizes from forwarder.pools.
         "broker_pool_limit": settings.pools.broker_pool_limit,
+        # A store that blips is retried (both backends: Redis connection errors, and S3's through
+        # gateways.s3_backend.exception_safe_to_retry); one that stays down makes tasks.CheckedRequest hand
+        # the message back instead of acking a task whose outcome nobody can read.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": RESULT_STORE_RETRIES,
+        "result_backend_base_sleep_between_retries_ms": RESULT_STORE_BACKOFF_MS[0],
+        "result_backend_max_sleep_between_retries_ms": RESULT_STORE_BACKOFF_MS[1],
         "task_default_queue": settings.queue,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": broker_transport_options(settings),
@@ -80,6 +91,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             config["s3_region"] = settings.aws_region
     if settings.result_backend.startswith(("redis://", "rediss://")):
         config.update(
+            result_backend_transport_options={"retry_policy": REDIS_RESULT_RETRY_POLICY},
             redis_max_connections=settings.pools.result_connections,
             redis_socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
             redis_socket_timeout=REDIS_SOCKET_TIMEOUT,
@@ -89,18 +101,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
-def result_backend_class(settings: Settings) -> str | None:
-    """The backend Celery must use instead of the one its URL names, or None for the URL's own.
+def result_backend_class(settings: Settings) -> str:
+    """The backend Celery must use instead of the one its URL names (``forwarder.result_backends``).
 
-    s3://bucket/prefix: Celery's S3 backend, but with one S3 client per process, built lazily in that
-    process (a prefork child never uses the parent's), as ``<class path>+s3://bucket/prefix``, which
-    Celery splits into the class to import and the URL to give it; only this app is affected.
+    As ``<class path>+<url>``, which Celery splits into the class to import and the URL to give it; only
+    this app is affected. For s3://bucket/prefix: one S3 client per process, built lazily in that process.
     """
-    if settings.result_backend.startswith("s3://"):
-        from gateways.s3_backend import backend_url
+    from forwarder.result_backends import backend_class
 
-        return backend_url(settings.result_backend)
-    return None
+    return backend_class(settings.result_backend)
 
 
 def broker_transport_options(settings: Settings) -> dict[str, Any]:

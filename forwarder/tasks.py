@@ -13,8 +13,10 @@ import json
 import logging
 from typing import Any
 
+from billiard.einfo import ExceptionWithTraceback
 from celery import Task, states
-from celery.exceptions import InvalidTaskError
+from celery.exceptions import Ignore, InvalidTaskError, Reject, Retry, Terminated, WorkerLostError
+from celery.worker import state as worker_state
 from celery.worker.request import Request
 
 from forwarder import acks, deps
@@ -23,6 +25,9 @@ from forwarder.payload import error_payload, format_trace, plan_request, shape_r
 from gateways.errors import GatewayError, release_exception
 
 logger = logging.getLogger(__name__)
+
+#: Failures Celery's own ``on_failure`` handles specially (revoked, shut down, rejected, retried, lost child).
+_CELERY_HANDLED = (Terminated, SystemExit, KeyboardInterrupt, MemoryError, Reject, Ignore, Retry, WorkerLostError)
 
 #: llm-engine's LIRA task name (runnable-image bundles).
 TASK_NAME = "ml_serve.celery_service.exec_func"
@@ -73,11 +78,50 @@ class CheckedRequest(Request):
         _store_refusal(kwargs.get("task"), headers, refused)
         raise refused from None
 
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
+        """Celery's handling, except that a task whose outcome is not stored is handed back, not acked.
+
+        A result store that stays down through its retries (``forwarder.app``: ``result_backend_always_retry``)
+        makes the trace an "internal error", which Celery acks: the model did the work, the producer polls
+        PENDING until the task expires, and nothing retries. Here the stored state is read first; if it is
+        not SUCCESS or FAILURE, the message goes back to the queue to run again (at least once).
+        """
+        exc = getattr(exc_info, "exception", None)
+        if isinstance(exc, ExceptionWithTraceback):  # prefork: the child's exception, as Celery unwraps it
+            exc = exc.exc
+        if not isinstance(exc, _CELERY_HANDLED) and self.task.acks_late and not outcome_stored(self.task.backend, self.id):
+            worker_state.task_ready(self)
+            StoreFailures.handed_back += 1
+            logger.error(
+                "task %s: its outcome could not be stored (%s: %s); the message is handed back to run again "
+                "(hand-backs in this process: %d)", self.id, type(exc).__name__, exc, StoreFailures.handed_back,
+            )
+            self.reject(requeue=True)
+            return
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
     def acknowledge(self) -> None:
         """Ack the message, retrying a broker blip (``forwarder.acks``) instead of kombu's log-and-forget."""
         if not self.acknowledged:  # type: ignore[has-type]
             acks.acknowledge(self._message, self.task_id, self._connection_errors)
             self.acknowledged = True
+
+
+class StoreFailures:
+    """Tasks handed back in this process because their outcome could not be stored (for logs and metrics)."""
+
+    handed_back = 0
+
+
+def outcome_stored(backend: Any, task_id: str) -> bool:
+    """Whether a final state (SUCCESS or FAILURE) is stored for ``task_id``; False when the store is unreachable."""
+    try:
+        # One read, not get_task_meta's retry loop: under prefork this runs in the main process, whose event
+        # loop must not sleep through a store outage.
+        return backend._get_task_meta_for(task_id).get("status") in states.READY_STATES
+    except Exception as exc:  # the store is down: nothing can be known to be stored
+        release_exception(exc)
+        return False
 
 
 def _store_refusal(task: Task | None, headers: Any, exc: InvalidTaskError) -> None:

@@ -16,13 +16,10 @@ The stored objects are exactly the stock backend's: key ``<base_path>celery-task
 the encoded meta. A producer configured with the stock backend (``s3_bucket``, ``s3_base_path``) reads
 them with ``AsyncResult``, as llm-engine's gateway does.
 
-Selection: ``backend_url("s3://bucket/prefix")`` gives ``"gateways.s3_backend:S3ResultBackend+s3://bucket/prefix"``;
-Celery splits a ``<backend>+<url>`` value into the class to import and the URL to hand it.
-``forwarder.app`` sets it as the app's ``backend_cls``, not as ``result_backend``: Celery prefers
-``os.environ["CELERY_RESULT_BACKEND"]`` (which this worker is configured by) to the app's own
-``result_backend``, and ``backend_cls`` wins over both. Only that app is affected: nothing global, such
-as ``celery.app.backends.BACKEND_ALIASES``, is changed, and other apps in the process keep the stock
-``s3://`` backend.
+Selection: a ``<class path>+s3://bucket/prefix`` value as an app's ``backend_cls`` (Celery splits it into
+the class to import and the URL to hand it); ``forwarder.app`` does this for its own app only: nothing
+global, such as ``celery.app.backends.BACKEND_ALIASES``, is changed, and other apps in the process keep
+the stock ``s3://`` backend.
 
 The URL's path is the key prefix and always ends with ``/``: ``s3://bucket/tmp/celery`` stores
 ``tmp/celery/celery-task-meta-<id>`` (llm-engine's default base path is ``tmp/celery/``; a reader
@@ -50,8 +47,6 @@ from gateways.cached_client import CachedClient
 
 logger = logging.getLogger(__name__)
 
-#: The class path Celery imports for ``<BACKEND_PATH>+s3://...`` result backend URLs.
-BACKEND_PATH = "gateways.s3_backend:S3ResultBackend"
 #: Name of the client cache: its "client built (pid N ...)" log line is counted by the tests.
 CLIENT_NAME = "s3-results"
 
@@ -63,12 +58,14 @@ MAX_ATTEMPTS = 3
 MIN_POOL_CONNECTIONS = 10
 
 _MISSING = ("NoSuchKey", "404")
+_RETRYABLE_CODES = ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError", "ServiceUnavailable")
+_RETRYABLE_ERRORS = (
+    botocore.exceptions.EndpointConnectionError,
+    botocore.exceptions.ConnectionClosedError,
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ConnectTimeoutError,
+)
 _DENIED = ("AccessDenied", "403")
-
-
-def backend_url(s3_url: str) -> str:
-    """The backend (``app.backend_cls``) value that selects ``S3ResultBackend`` for ``s3://bucket/prefix``."""
-    return f"{BACKEND_PATH}+{s3_url}"
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -214,6 +211,14 @@ class S3ResultBackend(S3Backend):
         with response["Body"] as body:
             data = body.read()
         return data if self.content_encoding == "binary" else data.decode("utf-8")
+
+    def exception_safe_to_retry(self, exc: BaseException) -> bool:
+        """Celery's retry predicate (``result_backend_always_retry``): connection trouble, timeouts, 5xx, throttling."""
+        if isinstance(exc, botocore.exceptions.ClientError):
+            error = exc.response.get("Error", {})
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            return int(status) >= 500 or str(error.get("Code", "")) in _RETRYABLE_CODES
+        return isinstance(exc, _RETRYABLE_ERRORS)
 
     def set(self, key: Any, value: Any) -> None:
         self.client.put_object(Bucket=self.bucket_name, Key=self._key(key), Body=value)

@@ -133,11 +133,11 @@ def test_s3_results_select_the_cached_client_backend_for_this_app_only(monkeypat
     # As in the worker: Celery prefers this variable to the app's own result_backend setting.
     monkeypatch.setenv("CELERY_RESULT_BACKEND", env["CELERY_RESULT_BACKEND"])
     settings = Settings.from_env(env)
-    assert result_backend_class(settings) == "gateways.s3_backend:S3ResultBackend+s3://bucket/tmp/celery"
+    assert result_backend_class(settings) == "forwarder.result_backends:S3Results+s3://bucket/tmp/celery"
     assert celery_config(settings)["s3_region"] == "eu-west-1"
     app = build_app(settings)
     backend = app.backend
-    assert type(backend) is S3ResultBackend
+    assert isinstance(backend, S3ResultBackend)
     assert (backend.bucket_name, backend.base_path) == ("bucket", "tmp/celery/")
     assert backend.client_config.region == "eu-west-1"
     assert backend.client_config.max_pool_connections == 32 + 8  # every greenlet, plus forwarder.pools.MARGIN
