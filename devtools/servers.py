@@ -127,6 +127,10 @@ class ModelBehaviour:
         self.in_flight = 0
         self.peak_in_flight = 0
         self.bodies: list[Any] = []
+        #: Request id -> how many more requests with that id get their sender SIGKILLed instead of an answer
+        #: (a poison message: the process that sent it dies, as by an OOM kill). ``killed``: the pids.
+        self.kill_senders: dict[str, int] = {}
+        self.killed: list[int] = []
 
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]
@@ -199,6 +203,12 @@ class _ModelHandler(QuietHandler):
             behaviour.requests[key] += 1
             if len(behaviour.bodies) < 1000:
                 behaviour.bodies.append(body)
+        if behaviour.kill_senders.get(key, 0) > 0:
+            with behaviour.lock:
+                behaviour.kill_senders[key] -= 1
+                behaviour.in_flight -= 1
+            self._kill_sender()
+            return
         try:
             if behaviour.mode == "hang":
                 time.sleep(3600)
@@ -212,6 +222,17 @@ class _ModelHandler(QuietHandler):
         finally:
             with behaviour.lock:
                 behaviour.in_flight -= 1
+
+    def _kill_sender(self) -> None:
+        """SIGKILL the process whose socket sent this request (found by its local address), then hang up."""
+        host, port = self.client_address[:2]
+        for connection in psutil.net_connections(kind="tcp"):
+            if connection.laddr and (connection.laddr.ip, connection.laddr.port) == (host, port) and connection.pid:
+                if connection.pid != os.getpid():
+                    os.kill(connection.pid, signal.SIGKILL)
+                    self.behaviour.killed.append(connection.pid)
+                break
+        self.close_connection = True
 
     def _send(self, status: int, payload: bytes, content_type: str = "application/json") -> None:
         self.send_response(status)

@@ -169,6 +169,7 @@ VARS: tuple[Var, ...] = (
     Var("FORWARDER_MODEL_READ_TIMEOUT", "600", _positive_float, "Seconds to wait for the model's answer before the task fails.", "model_read_timeout"),
     Var("FORWARDER_READY_TIMEOUT", "600", _non_negative_float, "Seconds to wait at start for the model's readiness before giving up (0: do not wait).", "ready_timeout"),
     Var("FORWARDER_RESULT_FORMAT", "wrapped", _choice(*RESULT_FORMATS), 'wrapped: {"result": "<model JSON as a string>", "status_code": N} (llm-engine default); raw: the model JSON, payload forwarded whole.', "result_format"),
+    Var("FORWARDER_MAX_DELIVERIES", "3", _non_negative_int, "Deliveries of one task whose worker died (OOM kill, crash) before the next is refused: stored as a FAILURE, hooks run, acked (0: never refuse). Redis broker: counted in the broker's Redis; SQS: ApproximateReceiveCount.", "max_deliveries"),
     Var("FORWARDER_RETRY_MAX", "5", _non_negative_int, "Retries of a task whose model connection failed (refused, reset, connect timeout).", "retry_max"),
     Var("FORWARDER_RETRY_BACKOFF", "2", _positive_int, "Whole seconds before the first retry; doubles each retry, with full jitter.", "retry_backoff"),
     Var("FORWARDER_RETRY_BACKOFF_MAX", "60", _positive_int, "Longest wait between retries, in whole seconds.", "retry_backoff_max"),
@@ -233,6 +234,7 @@ class Settings:
     model_read_timeout: float
     ready_timeout: float
     result_format: str
+    max_deliveries: int
     retry_max: int
     retry_backoff: int
     retry_backoff_max: int

@@ -21,6 +21,7 @@ from celery.worker.request import Request
 
 from forwarder import acks, deps
 from forwarder.errors import ForwarderError, MalformedRequest
+from forwarder.extensions.delivery_cap import RECEIVE_COUNT_KEY
 from forwarder.payload import error_payload, format_trace, plan_request, shape_result
 from gateways.errors import GatewayError, release_exception
 
@@ -73,10 +74,18 @@ class CheckedRequest(Request):
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             refused = InvalidTaskError(f"malformed task message: {type(exc).__name__}: {exc}")
         else:
+            self._carry_receive_count(message)
             return
         headers = kwargs.get("headers") or getattr(message, "headers", None)
         _store_refusal(kwargs.get("task"), headers, refused)
         raise refused from None
+
+    def _carry_receive_count(self, message: Any) -> None:
+        """SQS: hand the message's ApproximateReceiveCount to the task (``extensions.delivery_cap``)."""
+        sqs_message = (getattr(message, "delivery_info", None) or {}).get("sqs_message") or {}
+        received = (sqs_message.get("Attributes") or {}).get("ApproximateReceiveCount")
+        if received is not None:
+            self._request_dict[RECEIVE_COUNT_KEY] = int(received)
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
         """Celery's handling, except that a task whose outcome is not stored is handed back, not acked.

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from forwarder.extensions.base import Extension, Extensions
 from forwarder.extensions.close_clients import CloseClients
+from forwarder.extensions.delivery_cap import CapDeliveries
 from forwarder.extensions.memory_debug import MemoryDebug
 from forwarder.extensions.ready_line import ReadyLine
 from forwarder.extensions.redelivery import RedeliverySweep
@@ -48,6 +49,7 @@ def default_extensions() -> Extensions:
             RedeliverySweep(),  # Redis broker: restore a dead worker's unacked messages every few seconds
             ReadyLine(),  # "forwarder ready: ..." once consuming
             FlagFailuresInTrace(),  # ddtrace: a failed task's span is an error
+            CapDeliveries(),  # a message whose deliveries all killed their worker: refused, stored FAILURE
             HandBackOnShutdown(),  # warm shutdown: requeue, unrun, a task that would start now
         ]
     )

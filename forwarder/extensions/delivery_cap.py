@@ -1,0 +1,87 @@
+"""A message that kills every worker that runs it is refused after ``FORWARDER_MAX_DELIVERIES`` deliveries.
+
+A request that makes its process die (the answer pushes a child past its memory limit and the kernel
+OOM-kills it, a native crash) is handed back by ``task_reject_on_worker_lost`` and by the redelivery sweep;
+the next worker takes it and dies too, and every replica crash-loops on it. Deliveries are counted per task
+id across the fleet: on a Redis broker in the broker's own Redis (``gateways.delivery_counter``: one added
+as a task starts, taken back as it ends however it ends, so Celery's own retries and warm-shutdown
+hand-backs never use up the budget); on SQS from the message's ``ApproximateReceiveCount`` (which also
+counts hand-backs). The delivery after the budget is not run: the task fails with ``PoisonMessage``, which
+stores llm-engine's failure meta and runs the failure hooks, and the message is acked.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, Task
+
+from forwarder.errors import ForwarderError
+from forwarder.extensions.base import Extension
+from forwarder.settings import Settings
+from gateways.delivery_counter import DeliveryCounter
+from gateways.errors import release_exception
+
+logger = logging.getLogger(__name__)
+
+#: Request key carrying SQS's ApproximateReceiveCount from the consumer to the task (tasks.CheckedRequest).
+RECEIVE_COUNT_KEY = "forwarder_receive_count"
+
+
+class PoisonMessage(ForwarderError):
+    """The message was delivered the maximum number of times and its worker died each time: not run again."""
+
+
+class Refused:
+    """Messages refused in this process (for logs and metrics)."""
+
+    count = 0
+
+
+class CapDeliveries(Extension):
+    """Refuse a delivery when the task's earlier deliveries all died."""
+
+    def install(self, app: Celery, settings: Settings) -> None:
+        self.limit = settings.max_deliveries
+        self.counter: DeliveryCounter | None = None
+        if self.limit and not settings.broker_is_sqs:
+            # Longer than any message lives: the producer's expiry (llm-engine: a day) and N visibility timeouts.
+            expiry = int(max(86400, settings.visibility_timeout * (self.limit + 1)))
+            self.counter = DeliveryCounter(settings.broker_url, expiry)
+        self.counted: set[str] = set()
+
+    def before_task(self, task: Task, task_id: str) -> None:
+        if not self.limit:
+            return
+        died = self._deaths(task, task_id)
+        if died is not None and died >= self.limit:
+            Refused.count += 1
+            logger.error("task %s was delivered %d times and its worker died each time; refused without running "
+                         "(FORWARDER_MAX_DELIVERIES=%d; refused in this process: %d)",
+                         task_id, died, self.limit, Refused.count)
+            raise PoisonMessage(f"delivered {died} times and its worker died each time "
+                                f"(FORWARDER_MAX_DELIVERIES={self.limit}); not run again")
+
+    def task_done(self, task: Task, task_id: str, state: str, retval: Any) -> None:
+        if self.counter is not None and task_id in self.counted:
+            self.counted.discard(task_id)
+            try:
+                self.counter.finished(task_id)
+            except Exception as exc:  # the key expires anyway; only the budget is a little smaller
+                logger.warning("delivery count of task %s not taken back: %s: %s", task_id, type(exc).__name__, exc)
+                release_exception(exc)
+
+    def _deaths(self, task: Task, task_id: str) -> int | None:
+        """Deliveries of this task that killed their worker, before this one; None when unknown."""
+        if self.counter is None:
+            received = getattr(task.request, RECEIVE_COUNT_KEY, None)
+            return int(received) - 1 if received else None
+        try:
+            count = self.counter.started(task_id)
+        except Exception as exc:  # never block work on the counter: run the task, count nothing
+            logger.warning("delivery count of task %s unavailable: %s: %s", task_id, type(exc).__name__, exc)
+            release_exception(exc)
+            return None
+        self.counted.add(task_id)
+        return count - 1

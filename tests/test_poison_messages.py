@@ -1,0 +1,81 @@
+"""A message that kills every worker that runs it is refused after FORWARDER_MAX_DELIVERIES deliveries.
+
+The test's model answers the poison request by SIGKILLing the process that sent it (as an OOM kill would):
+the prefork child, or the whole gevent worker, which the test then replaces as Kubernetes would.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from devtools.servers import free_port, wait_for
+from tests.support.faults import *  # noqa: F403  (helpers and fixtures)
+from tests.support.faults import model_env, read_metas, send, statuses, wait_final
+
+MAX = 3
+POISON = {"args": {"id": "poison"}}
+
+
+def assert_refused_after_exactly(results, poison_id: str, own_model) -> None:
+    meta = wait_final(results, [poison_id], 60)[poison_id]
+    assert meta["status"] == "FAILURE" and meta["result"]["exc_type"] == "PoisonMessage", meta
+    assert f"delivered {MAX} times and its worker died each time" in json.loads(meta["result"]["custom"])["error"]
+    assert own_model.behaviour.requests["poison"] == MAX  # the refused delivery never reached the model
+
+
+@pytest.mark.faults
+def test_prefork_a_poison_message_is_refused_after_its_deliveries_and_the_queue_behind_it_flows(
+    spawn, producer, results, queue, own_model
+):
+    own_model.behaviour.kill_senders = {"poison": 99, "once": 1}
+    worker = spawn("prefork", CELERY_WORKER_CONCURRENCY="2", FORWARDER_MAX_DELIVERIES=str(MAX), **model_env(own_model))
+    poison = send(producer, queue, POISON)
+    once = send(producer, queue, {"args": {"id": "once"}})  # killed once, then runs normally
+    behind = [send(producer, queue, {"args": {"id": n}}) for n in range(10)]
+    assert_refused_after_exactly(results, poison, own_model)
+    metas = wait_final(results, [once, *behind], 60, [worker])
+    assert set(statuses(metas).values()) == {"SUCCESS"}, statuses(metas)
+    assert own_model.behaviour.requests["once"] == 2
+    assert len(own_model.behaviour.killed) == MAX + 1  # the poison's deliveries, and "once"'s first
+    assert "refused without running" in worker.output
+
+
+@pytest.mark.faults
+def test_gevent_a_poison_message_that_kills_the_whole_worker_is_refused_by_a_replacement(
+    spawn, producer, results, queue, own_model
+):
+    own_model.behaviour.kill_senders = {"poison": 99}
+    env = dict(CELERY_WORKER_CONCURRENCY="1", FORWARDER_MAX_DELIVERIES=str(MAX), CELERY_BROKER_VISIBILITY_TIMEOUT="2",
+               **model_env(own_model))
+    poison = send(producer, queue, POISON)
+    behind = [send(producer, queue, {"args": {"id": n}}) for n in range(5)]
+    workers = []
+    while poison not in read_metas(results, [poison]) or read_metas(results, [poison])[poison]["status"] != "FAILURE":
+        assert len(workers) <= MAX + 1, "more replacements than deliveries"
+        worker = spawn("gevent", **env)  # a replacement, as the pod's restart would start
+        workers.append(worker)
+        wait_for(lambda: worker.process.poll() is not None  # noqa: B023
+                 or read_metas(results, [poison]).get(poison, {}).get("status") == "FAILURE", 60,
+                 "the worker to die or the poison to be refused")
+    assert len(workers) == MAX + 1  # MAX died; the next refused the message and lives on
+    assert len(own_model.behaviour.killed) == MAX
+    assert_refused_after_exactly(results, poison, own_model)
+    metas = wait_final(results, behind, 60, [workers[-1]])
+    assert set(statuses(metas).values()) == {"SUCCESS"}, statuses(metas)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("pool", ["prefork", "gevent"])
+def test_celerys_own_retries_never_use_up_the_delivery_budget(pool, spawn, producer, results, broker, queue, own_model):
+    # A budget of one death, and three autoretries of a model that refuses connections: were a retry counted
+    # as a delivery that died, the second attempt would be refused as a PoisonMessage.
+    closed = f"http://127.0.0.1:{free_port()}"
+    worker = spawn(pool, FORWARDER_MAX_DELIVERIES="1", FORWARDER_RETRY_MAX="3", FORWARDER_READY_TIMEOUT="0",
+                   FORWARDER_MODEL_URL=f"{closed}/predict", FORWARDER_HEALTHCHECK_URL=f"{closed}/readyz")
+    task = send(producer, queue, {"args": {"id": "retried"}})
+    meta = wait_final(results, [task], 60, [worker])[task]
+    assert meta["status"] == "FAILURE" and meta["result"]["exc_type"] == "ModelConnectionError", meta
+    assert worker.output.count(f"[{task}] retry:") == 3
+    assert int(broker.get(f"forwarder:deliveries:{task}") or 0) == 0  # every delivery taken back
