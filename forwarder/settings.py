@@ -24,6 +24,7 @@ RESULT_FORMATS = ("wrapped", "raw")
 HOOK_NAMES = ("callback", "logging")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
+MIB = 1024 * 1024
 
 
 # ---------------------------------------------------------------------------------------- parsers
@@ -168,6 +169,7 @@ VARS: tuple[Var, ...] = (
     Var("FORWARDER_MODEL_CONNECT_TIMEOUT", "5", _positive_float, "Seconds to connect to the model server.", "model_connect_timeout"),
     Var("FORWARDER_MODEL_READ_TIMEOUT", "600", _positive_float, "Seconds to wait for the model's answer before the task fails.", "model_read_timeout"),
     Var("FORWARDER_READY_TIMEOUT", "600", _non_negative_float, "Seconds to wait at start for the model's readiness before giving up (0: do not wait).", "ready_timeout"),
+    Var("FORWARDER_MAX_RESPONSE_BYTES", str(64 * MIB), _positive_int, "Largest model answer read, in bytes (default 64 MiB). A larger one is refused by its Content-Length before its body is read, or cut off as soon as the bytes counted pass the limit (its connection closed, not drained); that task fails with ModelResponseTooLarge, never retried.", "max_response_bytes"),
     Var("FORWARDER_RESULT_FORMAT", "wrapped", _choice(*RESULT_FORMATS), 'wrapped: {"result": "<model JSON as a string>", "status_code": N} (llm-engine default); raw: the model JSON, payload forwarded whole.', "result_format"),
     Var("FORWARDER_RETRY_MAX", "5", _non_negative_int, "Retries of a task whose model connection failed (refused, reset, connect timeout).", "retry_max"),
     Var("FORWARDER_RETRY_BACKOFF", "2", _positive_int, "Whole seconds before the first retry; doubles each retry, with full jitter.", "retry_backoff"),
@@ -232,6 +234,7 @@ class Settings:
     model_connect_timeout: float
     model_read_timeout: float
     ready_timeout: float
+    max_response_bytes: int
     result_format: str
     retry_max: int
     retry_backoff: int
