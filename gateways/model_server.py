@@ -131,7 +131,7 @@ class ModelClient:
         if content is None:  # over the limit: nothing of the answer is held here
             raise ModelResponseTooLarge(
                 f"model server answered HTTP {response.status_code} with more than {self.max_response_bytes} "
-                f"bytes (the limit, set by {MAX_RESPONSE_VAR}); the answer was not read"
+                f"bytes (the limit, set by {MAX_RESPONSE_VAR}); the answer was dropped"
             )
         text = _decode(content, response.encoding)
         del content  # one copy of the answer at a time: the text, then the parsed JSON

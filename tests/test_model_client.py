@@ -35,7 +35,7 @@ def test_an_answer_of_exactly_the_limit_is_read_and_one_byte_more_is_refused_nam
         client(model, MIB - 1).predict({"id": 2})
     assert str(caught.value) == (
         f"model server answered HTTP 200 with more than {MIB - 1} bytes (the limit, set by "
-        "FORWARDER_MAX_RESPONSE_BYTES); the answer was not read"
+        "FORWARDER_MAX_RESPONSE_BYTES); the answer was dropped"
     )
     assert isinstance(caught.value, ModelServerError) and not isinstance(caught.value, ModelConnectionError)
 
