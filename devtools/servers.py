@@ -113,13 +113,21 @@ class ModelBehaviour:
     """What the example model does; tests change it while the server runs.
 
     ``delay``: seconds before answering. ``status``: HTTP status of answers. ``mode``: ``json`` (echo
-    the request), ``text`` (a body that is not JSON) or ``hang`` (never answer).
+    the request), ``text`` (a body that is not JSON), ``hang`` (never answer), ``huge`` (a valid JSON
+    answer ``{"text": "aaa..."}`` of ``huge_bytes`` bytes with its Content-Length) or ``huge-chunked``
+    (the same, chunked, with no Content-Length). Huge answers are streamed, never built in memory.
+    ``mode_by_id``: request ``id`` -> the mode for that request alone (the others follow ``mode``).
+    ``huge_sent``/``huge_cut``: huge answers sent whole, and cut off because the client closed first.
     """
 
     def __init__(self) -> None:
         self.delay = 0.0
         self.status = 200
         self.mode = "json"
+        self.mode_by_id: dict[str, str] = {}
+        self.huge_bytes = 200_000_000
+        self.huge_sent = 0
+        self.huge_cut = 0
         self.ready = True
         self.lock = threading.Lock()
         self.requests: Counter[str] = Counter()  # request keys seen, by their "id" field if any
@@ -209,13 +217,16 @@ class _ModelHandler(QuietHandler):
                 behaviour.in_flight -= 1
             self._kill_sender()
             return
+        mode = behaviour.mode_by_id.get(key, behaviour.mode)
         try:
-            if behaviour.mode == "hang":
+            if mode == "hang":
                 time.sleep(3600)
             if behaviour.delay:
                 time.sleep(behaviour.delay)
-            if behaviour.mode == "text":
+            if mode == "text":
                 self._send(behaviour.status, b"<html>oops, not json</html>", "text/html")
+            elif mode in ("huge", "huge-chunked"):
+                self._send_huge(behaviour.status, behaviour.huge_bytes, chunked=mode == "huge-chunked")
             else:
                 answer = {"echo": body, "model": "example", "length": len(raw)}
                 self._send(behaviour.status, json.dumps(answer).encode())
@@ -233,6 +244,42 @@ class _ModelHandler(QuietHandler):
                     self.behaviour.killed.append(connection.pid)
                 break
         self.close_connection = True
+
+    def _send_huge(self, status: int, size: int, *, chunked: bool) -> None:
+        """``{"text": "aaa..."}`` of exactly ``size`` bytes (at least 12), written 1 MiB at a time."""
+        head, tail = b'{"text": "', b'"}'
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(size))
+        self.end_headers()
+        block = b"a" * (1 << 20)
+        left = size - len(head) - len(tail)
+        try:
+            self._write_piece(head, chunked)
+            while left > 0:
+                self._write_piece(block[:left] if left < len(block) else block, chunked)
+                left -= len(block)
+            self._write_piece(tail, chunked)
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+        except OSError:  # the client closed the connection instead of reading on (BrokenPipe, reset)
+            self.close_connection = True
+            with self.behaviour.lock:
+                self.behaviour.huge_cut += 1
+            return
+        with self.behaviour.lock:
+            self.behaviour.huge_sent += 1
+
+    def _write_piece(self, piece: bytes, chunked: bool) -> None:
+        if chunked:
+            self.wfile.write(b"%x\r\n" % len(piece))
+            self.wfile.write(piece)
+            self.wfile.write(b"\r\n")
+        else:
+            self.wfile.write(piece)
 
     def _send(self, status: int, payload: bytes, content_type: str = "application/json") -> None:
         self.send_response(status)

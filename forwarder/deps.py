@@ -45,13 +45,15 @@ def build_deps(settings: Settings) -> Deps:
 
 
 def model_client(settings: Settings) -> ModelClient:
-    """The model server's client: FORWARDER_MODEL_URL, FORWARDER_HEALTHCHECK_URL and their timeouts."""
+    """The model server's client: FORWARDER_MODEL_URL, FORWARDER_HEALTHCHECK_URL, their timeouts and
+    FORWARDER_MAX_RESPONSE_BYTES."""
     return ModelClient(
         settings.model_url,
         settings.healthcheck_url,
         connect_timeout=settings.model_connect_timeout,
         read_timeout=settings.model_read_timeout,
         pool_size=settings.pools.model_connections,
+        max_response_bytes=settings.max_response_bytes,
     )
 
 

@@ -27,5 +27,9 @@ class MalformedRequest(ForwarderError):
     """The task's arguments are not a request the forwarder can send (fails before any HTTP call)."""
 
 
+class ResultTooLarge(ForwarderError):
+    """The task's result is larger than FORWARDER_MAX_RESULT_BYTES: the task fails instead of storing it."""
+
+
 class HookError(ForwarderError):
     """A post-inference hook failed (logged and counted; never changes the task's result)."""

@@ -20,11 +20,13 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from forwarder.errors import MalformedRequest
+from forwarder.errors import MalformedRequest, ResultTooLarge
 
 logger = logging.getLogger(__name__)
 
 SERIALIZE_KEY = "serialize_results_as_string"
+#: The setting that sets the result limit, named in the failure so an operator knows what to raise.
+MAX_RESULT_VAR = "FORWARDER_MAX_RESULT_BYTES"
 CALLBACK_AUTH_KEY = "callback_auth"
 
 
@@ -63,12 +65,30 @@ def plan_request(request: Any, result_format: str) -> Plan:
     return Plan(body=body, serialize_as_string=True if serialize is None else serialize, result_format=result_format)
 
 
-def shape_result(model_json: Any, status_code: int, plan: Plan) -> Any:
-    """The task result to store for the model's answer."""
+def shape_result(model_json: Any, status_code: int, plan: Plan, *, max_bytes: int) -> Any:
+    """The task result to store for the model's answer, if its JSON encoding fits ``max_bytes``.
+
+    The size counted is the result's JSON encoding, which the result backend stores inside Celery's meta
+    (a few hundred bytes more). It is encoded once more here and dropped at once: the store encodes the
+    same result right after, so the peak is the store's own, and an oversized result never reaches the
+    backend (Redis refuses a value over 512 MiB; short of that, each copy of a huge result is the
+    worker's memory).
+
+    Raises:
+        ResultTooLarge: naming the size and the limit.
+    """
     if plan.result_format == "raw":
-        return model_json
-    result = json.dumps(model_json) if plan.serialize_as_string else model_json
-    return {"result": result, "status_code": status_code}
+        result = model_json
+    else:
+        result = {"result": json.dumps(model_json) if plan.serialize_as_string else model_json,
+                  "status_code": status_code}
+    size = len(json.dumps(result))  # ASCII (ensure_ascii, as Celery's JSON): characters are bytes
+    if size > max_bytes:
+        raise ResultTooLarge(
+            f"the task's result is {size} bytes as JSON, more than {max_bytes} bytes (the limit, set by "
+            f"{MAX_RESULT_VAR}); it was not stored"
+        )
+    return result
 
 
 def format_trace(exc: BaseException) -> str:

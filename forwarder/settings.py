@@ -24,6 +24,11 @@ RESULT_FORMATS = ("wrapped", "raw")
 HOOK_NAMES = ("callback", "logging")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
+MIB = 1024 * 1024
+#: Redis's largest value (``proto-max-bulk-len``, 512 MiB by default; Celery's Redis backend refuses a
+#: larger meta itself), and room for Celery's meta around a result.
+REDIS_MAX_VALUE = 512 * MIB
+_META_ROOM = 64 * 1024
 
 
 # ---------------------------------------------------------------------------------------- parsers
@@ -168,6 +173,8 @@ VARS: tuple[Var, ...] = (
     Var("FORWARDER_MODEL_CONNECT_TIMEOUT", "5", _positive_float, "Seconds to connect to the model server.", "model_connect_timeout"),
     Var("FORWARDER_MODEL_READ_TIMEOUT", "600", _positive_float, "Seconds to wait for the model's answer before the task fails.", "model_read_timeout"),
     Var("FORWARDER_READY_TIMEOUT", "600", _non_negative_float, "Seconds to wait at start for the model's readiness before giving up (0: do not wait).", "ready_timeout"),
+    Var("FORWARDER_MAX_RESPONSE_BYTES", str(64 * MIB), _positive_int, "Largest model answer read, in bytes (default 64 MiB). A larger one is refused by its Content-Length before its body is read, or cut off as soon as the bytes counted pass the limit (its connection closed, not drained); that task fails with ModelResponseTooLarge, never retried.", "max_response_bytes"),
+    Var("FORWARDER_MAX_RESULT_BYTES", str(128 * MIB), _positive_int, "Largest task result stored, in bytes of its JSON encoding (default 128 MiB: twice the default answer limit, since the wrapped format re-encodes the answer as a string and escaping grows it). A larger one fails that task with ResultTooLarge before the store. Redis holds at most 512 MiB in one value; S3, 5 GB.", "max_result_bytes"),
     Var("FORWARDER_RESULT_FORMAT", "wrapped", _choice(*RESULT_FORMATS), 'wrapped: {"result": "<model JSON as a string>", "status_code": N} (llm-engine default); raw: the model JSON, payload forwarded whole.', "result_format"),
     Var("FORWARDER_MAX_DELIVERIES", "3", _non_negative_int, "Deliveries of one task whose worker died (OOM kill, crash) before the next is refused: stored as a FAILURE, hooks run, acked (0: never refuse). Redis broker: counted in the broker's Redis; SQS: ApproximateReceiveCount.", "max_deliveries"),
     Var("FORWARDER_RETRY_MAX", "5", _non_negative_int, "Retries of a task whose model connection failed (refused, reset, connect timeout).", "retry_max"),
@@ -233,6 +240,8 @@ class Settings:
     model_connect_timeout: float
     model_read_timeout: float
     ready_timeout: float
+    max_response_bytes: int
+    max_result_bytes: int
     result_format: str
     max_deliveries: int
     retry_max: int
@@ -364,6 +373,14 @@ def _warnings(values: dict[str, Any]) -> tuple[str, ...]:
         found.append(
             "CELERY_BROKER_VISIBILITY_TIMEOUT does not exceed FORWARDER_MODEL_READ_TIMEOUT: a task still "
             "running when the visibility timeout passes is delivered again"
+        )
+    if values["result_backend"].startswith(("redis://", "rediss://")) and (
+        values["max_result_bytes"] > REDIS_MAX_VALUE - _META_ROOM
+    ):
+        found.append(
+            "FORWARDER_MAX_RESULT_BYTES is above what Redis stores in one value (512 MiB by default, less "
+            "Celery's meta): a result that large fails in the store (Celery's BackendStoreError, an internal "
+            "error with no llm-engine error meta and no hooks) after the worker has held several copies of it"
         )
     if values["pool"] == "gevent":
         for attr, name in (

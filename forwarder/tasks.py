@@ -50,7 +50,7 @@ def exec_func(payload: Any = _NO_REQUEST, arrival_timestamp: Any = None, *ignore
     current = deps.current()
     plan = plan_request(payload, current.settings.result_format)
     answer = current.model.predict(plan.body)
-    return shape_result(answer.body, answer.status_code, plan)
+    return shape_result(answer.body, answer.status_code, plan, max_bytes=current.settings.max_result_bytes)
 
 
 class CheckedRequest(Request):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -21,6 +22,10 @@ READY_POLL_INTERVAL = 1.0
 READY_LOG_INTERVAL = 10.0
 #: Body characters quoted in the error for a non-JSON answer.
 BODY_PREVIEW = 200
+#: Bytes read from the model's answer at a time while it is counted against the limit.
+READ_CHUNK = 64 * 1024
+#: The setting that sets ``max_response_bytes``, named in the refusal so an operator knows what to raise.
+MAX_RESPONSE_VAR = "FORWARDER_MAX_RESPONSE_BYTES"
 
 
 class ModelServerError(GatewayError):
@@ -41,6 +46,10 @@ class ModelTimeout(ModelServerError):
 
 class ModelResponseError(ModelServerError):
     """The model server answered with a body that is not JSON."""
+
+
+class ModelResponseTooLarge(ModelServerError):
+    """The model's answer is larger than the limit: refused unread past it, never retried."""
 
 
 @dataclass(frozen=True)
@@ -83,9 +92,11 @@ class ModelClient:
         connect_timeout: float,
         read_timeout: float,
         pool_size: int,
+        max_response_bytes: int,
     ) -> None:
         self.predict_url = predict_url
         self.healthcheck_url = healthcheck_url
+        self.max_response_bytes = max_response_bytes
         self._timeout = (connect_timeout, read_timeout)
         self._connect_timeout = connect_timeout
         self.session = CachedClient("model-http-session", lambda: (build_session(pool_size), None))
@@ -93,9 +104,14 @@ class ModelClient:
     def predict(self, payload: Any, headers: dict[str, str] | None = None) -> ModelAnswer:
         """POST ``payload`` as JSON and return the model's JSON answer with its status.
 
+        The answer is streamed and counted: one over ``max_response_bytes`` is refused as soon as its
+        ``Content-Length`` or the bytes read so far show it, and its connection is closed rather than
+        drained, so no more than the limit is ever held.
+
         Raises:
             ModelConnectionError: the server could not be reached (the task retries).
             ModelTimeout: no answer within the read timeout.
+            ModelResponseTooLarge: the answer is larger than ``max_response_bytes``.
             ModelResponseError: the answer is not JSON.
         """
         # Errors are raised after their except blocks, chained to nothing: a requests error holds the
@@ -104,24 +120,56 @@ class ModelClient:
         failure: ModelServerError | None = None
         try:
             response = self.session.get().post(
-                self.predict_url, json=payload, headers=headers, timeout=self._timeout
+                self.predict_url, json=payload, headers=headers, timeout=self._timeout, stream=True
             )
+            content = self._read_body(response)
         except (requests.ConnectionError, requests.Timeout) as exc:
             failure = self._transport_failure(exc)
             release_exception(exc)
         if failure is not None:
             raise failure
+        if content is None:  # over the limit: nothing of the answer is held here
+            raise ModelResponseTooLarge(
+                f"model server answered HTTP {response.status_code} with more than {self.max_response_bytes} "
+                f"bytes (the limit, set by {MAX_RESPONSE_VAR}); the answer was dropped"
+            )
+        text = _decode(content, response.encoding)
+        del content  # one copy of the answer at a time: the text, then the parsed JSON
         try:
-            body = response.json()
+            body = json.loads(text)
         except ValueError as exc:
             release_exception(exc)
             failure = ModelResponseError(
                 f"model server answered HTTP {response.status_code} with a body that is not JSON: "
-                f"{response.text[:BODY_PREVIEW]!r}"
+                f"{text[:BODY_PREVIEW]!r}"
             )
         if failure is not None:
             raise failure
         return ModelAnswer(response.status_code, body)
+
+    def _read_body(self, response: requests.Response) -> bytearray | None:
+        """The whole body, or None (the response closed) once it is known to exceed the limit.
+
+        A ``Content-Length`` over the limit is refused before any byte is read; otherwise (no header, or
+        one that lies) the bytes are counted as they arrive. Closing instead of draining costs the pooled
+        connection, which is rebuilt on the next call, rather than reading the rest of a runaway answer.
+        """
+        limit = self.max_response_bytes
+        try:
+            declared = int(response.headers.get("Content-Length", ""))
+        except ValueError:  # absent (chunked) or not a number: counting decides
+            declared = 0
+        if declared > limit:
+            response.close()
+            return None
+        content = bytearray()
+        for chunk in response.iter_content(READ_CHUNK):
+            content += chunk
+            if len(content) > limit:
+                del content  # not held by this frame should the close raise
+                response.close()
+                return None
+        return content
 
     def _transport_failure(self, exc: requests.RequestException) -> ModelServerError:
         """Our error for a failed POST: connection problems are retried, a read timeout is not."""
@@ -167,6 +215,15 @@ class ModelClient:
     def close(self) -> None:
         """Close the pooled connections of this process."""
         self.session.close()
+
+
+def _decode(content: bytearray, encoding: str | None) -> str:
+    """The answer as text, as requests' ``Response.json`` reads it: the declared charset, else JSON's own
+    detection (UTF-8, -16 or -32); undecodable bytes are replaced."""
+    try:
+        return content.decode(encoding or json.detect_encoding(content), errors="replace")
+    except LookupError:  # a charset Python does not know
+        return content.decode("utf-8", errors="replace")
 
 
 def _root_cause(exc: BaseException) -> str:

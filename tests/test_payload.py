@@ -6,14 +6,18 @@ import json
 
 import pytest
 
-from forwarder.errors import MalformedRequest
+from forwarder.errors import MalformedRequest, ResultTooLarge
 from forwarder.payload import error_payload, plan_request, shape_result
+from forwarder.settings import Settings
+
+#: The default result limit.
+LIMIT = Settings.from_env({}).max_result_bytes
 
 
 def test_wrapped_forwards_args_and_stores_json_string_with_status():
     plan = plan_request({"args": {"x": 1}, "url": None, "return_pickled": False}, "wrapped")
     assert plan.body == {"x": 1}
-    assert shape_result({"y": 2}, 200, plan) == {"result": json.dumps({"y": 2}), "status_code": 200}
+    assert shape_result({"y": 2}, 200, plan, max_bytes=LIMIT) == {"result": json.dumps({"y": 2}), "status_code": 200}
 
 
 def test_wrapped_without_args_forwards_the_whole_request():
@@ -23,7 +27,7 @@ def test_wrapped_without_args_forwards_the_whole_request():
 
 def test_non_2xx_is_a_result_with_its_status():
     plan = plan_request({"args": {}}, "wrapped")
-    assert shape_result({"detail": "bad"}, 422, plan) == {"result": '{"detail": "bad"}', "status_code": 422}
+    assert shape_result({"detail": "bad"}, 422, plan, max_bytes=LIMIT) == {"result": '{"detail": "bad"}', "status_code": 422}
 
 
 @pytest.mark.parametrize("where", ["top", "args"])
@@ -32,7 +36,7 @@ def test_serialize_override(where):
     target = request if where == "top" else request["args"]
     target["serialize_results_as_string"] = False
     plan = plan_request(request, "wrapped")
-    assert shape_result({"y": 2}, 200, plan) == {"result": {"y": 2}, "status_code": 200}
+    assert shape_result({"y": 2}, 200, plan, max_bytes=LIMIT) == {"result": {"y": 2}, "status_code": 200}
 
 
 def test_top_level_override_wins():
@@ -72,7 +76,7 @@ def test_raw_forwards_everything_and_stores_model_json():
     request = {"args": {"x": 1}, "url": None}
     plan = plan_request(request, "raw")
     assert plan.body == request
-    assert shape_result({"y": 2}, 500, plan) == {"y": 2}
+    assert shape_result({"y": 2}, 500, plan, max_bytes=LIMIT) == {"y": 2}
 
 
 def test_error_payload_shape():
@@ -88,3 +92,28 @@ def test_error_payload_shape():
 def test_raw_never_forwards_callback_credentials():
     request = {"args": {"x": 1}, "callback_auth": {"kind": "basic", "username": "u", "password": "p"}}
     assert plan_request(request, "raw").body == {"args": {"x": 1}}
+
+
+@pytest.mark.parametrize("result_format", ["wrapped", "raw"])
+def test_a_result_whose_json_fits_the_limit_exactly_is_returned_one_byte_more_fails_naming_the_limit(result_format):
+    plan = plan_request({"args": {"x": 1}}, result_format)
+    answer = {"text": "a" * 1000}
+    size = len(json.dumps(shape_result(answer, 200, plan, max_bytes=LIMIT)))
+    assert shape_result(answer, 200, plan, max_bytes=size) is not None
+    with pytest.raises(ResultTooLarge) as caught:
+        shape_result(answer, 200, plan, max_bytes=size - 1)
+    assert str(caught.value) == (
+        f"the task's result is {size} bytes as JSON, more than {size - 1} bytes (the limit, set by "
+        "FORWARDER_MAX_RESULT_BYTES); it was not stored"
+    )
+
+
+def test_the_size_is_the_stored_encoding_so_escaping_in_the_wrapped_format_counts():
+    # Quotes and non-ASCII text grow twice: once as the model's JSON string, again inside the result.
+    answer = {"text": 'é"' * 1000}
+    sent = len(json.dumps(answer, ensure_ascii=False).encode())  # the model's answer, in UTF-8
+    plan = plan_request({"args": {}}, "wrapped")
+    stored = len(json.dumps(shape_result(answer, 200, plan, max_bytes=LIMIT)))
+    assert stored > 2 * sent
+    with pytest.raises(ResultTooLarge):
+        shape_result(answer, 200, plan, max_bytes=2 * sent)

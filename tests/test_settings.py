@@ -22,6 +22,8 @@ def test_defaults_match_a_model_server_on_localhost_5005():
     assert settings.result_format == "wrapped"
     assert settings.hooks == ()
     assert settings.memory_debug is False
+    assert settings.max_response_bytes == 64 * 1024 * 1024
+    assert settings.max_result_bytes == 128 * 1024 * 1024
     assert settings.warnings == ()
 
 
@@ -51,6 +53,10 @@ def test_every_variable_is_documented_in_help():
         ("FORWARDER_READY_TIMEOUT", "-3"),
         ("FORWARDER_RESULT_FORMAT", "pickle"),
         ("FORWARDER_RETRY_MAX", "-1"),
+        ("FORWARDER_MAX_RESPONSE_BYTES", "0"),
+        ("FORWARDER_MAX_RESPONSE_BYTES", "16 MiB"),
+        ("FORWARDER_MAX_RESULT_BYTES", "-1"),
+        ("FORWARDER_MAX_RESULT_BYTES", "1e6"),
         ("FORWARDER_HOOKS", "callback,billing"),
         ("FORWARDER_LABELS", "[1, 2]"),
         ("FORWARDER_MEMORY_DEBUG", "maybe"),
@@ -141,3 +147,11 @@ def test_unreadable_endpoint_config_is_a_start_error(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_settings({"FORWARDER_ENDPOINT_CONFIG_PATH": str(path)})
     assert caught.value.variable == "FORWARDER_ENDPOINT_CONFIG_PATH"
+
+
+def test_a_result_limit_above_what_redis_stores_in_one_value_warns_on_redis_only():
+    above = str(512 * 1024 * 1024)
+    warned = Settings.from_env({"FORWARDER_MAX_RESULT_BYTES": above}).warnings
+    assert len(warned) == 1 and warned[0].startswith("FORWARDER_MAX_RESULT_BYTES is above what Redis stores")
+    assert Settings.from_env({"FORWARDER_MAX_RESULT_BYTES": above, "CELERY_RESULT_BACKEND": "s3://bucket/tmp"}).warnings == ()
+    assert Settings.from_env({"FORWARDER_MAX_RESULT_BYTES": str(256 * 1024 * 1024)}).warnings == ()

@@ -12,7 +12,8 @@ Redis, model and moto servers, then look at every frame whose code lives in ``fo
 ``gateways/``:
 
 - strict (cyclic collector off): failures whose exceptions end in our hands (a malformed request, a model
-  answering garbage, timing out or refusing connections, a retry, both hooks failing) leave no such frame
+  answering garbage, timing out or refusing connections, an answer or a result over its limit, a retry,
+  both hooks failing) leave no such frame
   holding locals, and no request waiting in a reference cycle for the collector (each carries a 1 MiB
   prompt; what a collection frees afterwards must be less than half of one), also with the S3 result
   backend, where every task's first read is a 404 that botocore raises;
@@ -56,6 +57,24 @@ def hanging_model():
     server.stop()
 
 
+@pytest.fixture
+def huge_model():
+    """A model server answering 4 MB, chunked: over the children's answer limit, refused while counted."""
+    server = ModelServer().start()
+    server.behaviour.mode, server.behaviour.huge_bytes = "huge-chunked", 4_000_000
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def large_model():
+    """A model server answering 1.8 MB: within the children's answer limit, over their result limit."""
+    server = ModelServer().start()
+    server.behaviour.mode, server.behaviour.huge_bytes = "huge", 1_800_000
+    yield server
+    server.stop()
+
+
 #: Every request carries a prompt this large: one request left in a reference cycle exceeds the limit.
 PROMPT = "p" * (1024 * 1024)
 #: Bytes the cyclic collector may free after all the cases: half a prompt. What is there (~150 KB) is not
@@ -64,7 +83,7 @@ PROMPT = "p" * (1024 * 1024)
 CYCLES_LIMIT = 512 * 1024
 
 
-def cases(model, text_model, hanging_model, closed: str) -> list[dict]:
+def cases(model, text_model, hanging_model, huge_model, large_model, closed: str) -> list[dict]:
     predict = f"{model.url}/predict"
 
     def request(number: int) -> dict:
@@ -83,6 +102,10 @@ def cases(model, text_model, hanging_model, closed: str) -> list[dict]:
          "request": request(4), "status": "RETRY"},
         {"name": "connection refused, retries used up", "model": f"{closed}/predict", "task": LEGACY_TASK_NAME,
          "request": request(5), "retries": 1, "status": "FAILURE"},
+        {"name": "answer over the limit", "model": f"{huge_model.url}/predict", "task": TASK_NAME,
+         "request": request(6), "status": "FAILURE"},
+        {"name": "result over the limit", "model": f"{large_model.url}/predict", "task": TASK_NAME,
+         "request": request(7), "status": "FAILURE"},
     ]
 
 
@@ -96,6 +119,9 @@ def run_child(pool: str, check: str, redis_server, model, queue: str, frame_case
         "FORWARDER_HEALTHCHECK_URL": f"{model.url}/readyz",
         "FORWARDER_MODEL_READ_TIMEOUT": "0.5",
         "FORWARDER_RETRY_MAX": "1",
+        # An echo of a request (its 1 MiB prompt) is within both limits; huge_model and large_model are not.
+        "FORWARDER_MAX_RESPONSE_BYTES": str(2 * 1024 * 1024),
+        "FORWARDER_MAX_RESULT_BYTES": str(3 * 1024 * 1024 // 2),
         # The callback hook fails on every task: its default URL is a loopback address, refused (no
         # allow-list). Not the metadata service: were the guard broken, the child would really call it.
         "FORWARDER_HOOKS": "callback,logging",
@@ -112,16 +138,18 @@ def run_child(pool: str, check: str, redis_server, model, queue: str, frame_case
 
 @pytest.mark.parametrize("pool", ["prefork", "gevent"])
 def test_failed_tasks_retries_and_failing_hooks_leave_no_frame_holding_data(
-    pool, redis_server, model, text_model, hanging_model, queue, aws_env
+    pool, redis_server, model, text_model, hanging_model, huge_model, large_model, queue, aws_env
 ):
     # The logging hook assumes its role at moto, then fails every put: the stream does not exist.
     closed = f"http://127.0.0.1:{free_port()}"
-    done = run_child(pool, "strict", redis_server, model, queue, cases(model, text_model, hanging_model, closed))
+    frame_cases = cases(model, text_model, hanging_model, huge_model, large_model, closed)
+    done = run_child(pool, "strict", redis_server, model, queue, frame_cases)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    assert done.stdout.count("\n") == 7  # every case ran, with the expected state
+    assert done.stdout.count("\n") == 9  # every case ran, with the expected state
+    assert "ModelResponseTooLarge" in done.stderr and "ResultTooLarge" in done.stderr
     # Hooks run once a task is over: the warm-up and every case but the RETRY one.
-    assert done.stderr.count("hook logging failed") == 7 and "ResourceNotFoundException" in done.stderr
-    assert done.stderr.count("hook callback failed") == 7 and "is loopback; refused" in done.stderr
+    assert done.stderr.count("hook logging failed") == 9 and "ResourceNotFoundException" in done.stderr
+    assert done.stderr.count("hook callback failed") == 9 and "is loopback; refused" in done.stderr
 
 
 @pytest.mark.parametrize("pool", ["prefork", "gevent"])
@@ -141,10 +169,13 @@ def test_s3_results_leave_no_frame_holding_data(pool, redis_server, model, text_
 
 
 @pytest.mark.parametrize("pool", ["prefork", "gevent"])
-def test_an_sts_outage_keeps_nothing_of_ours_reachable(pool, redis_server, model, text_model, hanging_model, queue):
+def test_an_sts_outage_keeps_nothing_of_ours_reachable(
+    pool, redis_server, model, text_model, hanging_model, huge_model, large_model, queue
+):
     closed = f"http://127.0.0.1:{free_port()}"
     done = run_child(
-        pool, "reachable", redis_server, model, queue, cases(model, text_model, hanging_model, closed),
+        pool, "reachable", redis_server, model, queue,
+        cases(model, text_model, hanging_model, huge_model, large_model, closed),
         AWS_ENDPOINT_URL=closed, AWS_DEFAULT_REGION="us-east-1", AWS_ACCESS_KEY_ID="testing",
         AWS_SECRET_ACCESS_KEY="testing",
     )
