@@ -1,7 +1,7 @@
 """The result backends the worker uses: Celery's Redis backend and ``gateways.s3_backend``, with one policy.
 
-A store that fails is retried (``result_backend_always_retry``, see ``forwarder.app``). When it still fails,
-Celery records the store error itself as the task's FAILURE as soon as the store answers again: the model's
+A store that fails is retried (``result_backend_always_retry``, see ``forwarder.app``). When it still fails
+(``BackendStoreError``), Celery records that error itself as the task's FAILURE as soon as the store answers again: the model's
 answer is lost and the producer reads "failed to store result" for a task that succeeded. Here a FAILURE
 whose cause is the store is not stored; ``tasks.CheckedRequest`` then finds no outcome and hands the
 message back, so the task runs again (at least once) and stores its real outcome.
@@ -24,7 +24,9 @@ class KeepStoreFailuresOut:
     """Mixin for a Celery backend: never store "the store failed" as a task's outcome."""
 
     def mark_as_failure(self, task_id: str, exc: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(exc, BackendStoreError) or self.exception_safe_to_retry(exc):  # type: ignore[attr-defined]
+        # Only Celery's "gave up retrying the store" error: the backends' own retry predicates are too broad
+        # to judge a task's exception by (kombu's Redis errors include KeyError, hence NotRegistered).
+        if isinstance(exc, BackendStoreError):
             logger.warning("task %s: not storing the result store's own failure (%s) as its outcome",
                            task_id, type(exc).__name__)
             return None

@@ -1,6 +1,6 @@
-"""Count deliveries of each task id in a Redis (the broker's), shared by every worker of a fleet.
+"""Count deliveries of each message (a key the caller chooses) in a Redis (the broker's), shared by a fleet.
 
-``started(task_id)`` adds one and returns the count; ``finished(task_id)`` takes one away. A delivery whose
+``started(key)`` adds one and returns the count; ``finished(key)`` takes one away. A delivery whose
 process dies between the two is never taken away: the count is the number of deliveries that killed their
 worker. Keys expire, so a counter never outlives the message it counts.
 """

@@ -3,9 +3,10 @@
 A request that makes its process die (the answer pushes a child past its memory limit and the kernel
 OOM-kills it, a native crash) is handed back by ``task_reject_on_worker_lost`` and by the redelivery sweep;
 the next worker takes it and dies too, and every replica crash-loops on it. Deliveries are counted per task
-id across the fleet: on a Redis broker in the broker's own Redis (``gateways.delivery_counter``: one added
-as a task starts, taken back as it ends however it ends, so Celery's own retries and warm-shutdown
-hand-backs never use up the budget); on SQS from the message's ``ApproximateReceiveCount`` (which also
+id and retry number (one message) across the fleet: on a Redis broker in the broker's own Redis
+(``gateways.delivery_counter``: one added as a task starts, taken back as it ends however it ends, so
+warm-shutdown and store-outage hand-backs never use up the budget, and a Celery retry, a new message, has
+its own); on SQS from the message's ``ApproximateReceiveCount`` (which also
 counts hand-backs). The delivery after the budget is not run: the task fails with ``PoisonMessage``, which
 stores llm-engine's failure meta and runs the failure hooks, and the message is acked.
 """
@@ -64,10 +65,11 @@ class CapDeliveries(Extension):
                                 f"(FORWARDER_MAX_DELIVERIES={self.limit}); not run again")
 
     def task_done(self, task: Task, task_id: str, state: str, retval: Any) -> None:
-        if self.counter is not None and task_id in self.counted:
-            self.counted.discard(task_id)
+        key = _delivery_key(task, task_id)
+        if self.counter is not None and key in self.counted:
+            self.counted.discard(key)
             try:
-                self.counter.finished(task_id)
+                self.counter.finished(key)
             except Exception as exc:  # the key expires anyway; only the budget is a little smaller
                 logger.warning("delivery count of task %s not taken back: %s: %s", task_id, type(exc).__name__, exc)
                 release_exception(exc)
@@ -77,11 +79,18 @@ class CapDeliveries(Extension):
         if self.counter is None:
             received = getattr(task.request, RECEIVE_COUNT_KEY, None)
             return int(received) - 1 if received else None
+        key = _delivery_key(task, task_id)
         try:
-            count = self.counter.started(task_id)
+            count = self.counter.started(key)
         except Exception as exc:  # never block work on the counter: run the task, count nothing
             logger.warning("delivery count of task %s unavailable: %s: %s", task_id, type(exc).__name__, exc)
             release_exception(exc)
             return None
-        self.counted.add(task_id)
+        self.counted.add(key)
         return count - 1
+
+
+def _delivery_key(task: Task, task_id: str) -> str:
+    """One counter per message: a Celery retry is a new message of the same task id (``retries`` + 1), which
+    may even start before the retried delivery has finished, so it must not share the retried one's count."""
+    return f"{task_id}:{getattr(task.request, 'retries', 0) or 0}"
