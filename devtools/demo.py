@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
+from typing import Any
 
 from celery import Celery
 
@@ -25,9 +26,11 @@ def producer(broker: str, backend: str) -> Celery:
     return app
 
 
-def send(app: Celery, request: dict, task_name: str = TASK_NAME, queue: str = QUEUE):  # noqa: ANN201
-    """Send one request the way llm-engine does: [request, arrival datetime, return_pickled]."""
-    return app.send_task(task_name, args=[request, datetime.now(), False], kwargs={}, queue=queue, expires=86400)
+def send(app: Celery, request: Any, task_name: str = TASK_NAME, queue: str = QUEUE, **options: Any):  # noqa: ANN201
+    """Send one request the way llm-engine does: [request, arrival datetime, return_pickled] (``options``: to
+    ``send_task``, e.g. ``headers``)."""
+    return app.send_task(task_name, args=[request, datetime.now(), False], kwargs={}, queue=queue, expires=86400,
+                         **options)
 
 
 def run_demo(pool: str = "prefork", tasks: int = 8) -> int:

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from forwarder import tracing
 from gateways.errors import release_exception
 
 logger = logging.getLogger(__name__)
@@ -49,18 +50,25 @@ class HookRunner:
             body = copy.deepcopy(response) if isinstance(response, dict) else {"result": response}
             body["task_id"] = task_id
             self.counts[f"{hook.name}.attempt"] += 1
-            try:
-                hook(request_map, body, task_id, state)
-            except Exception as exc:
-                failures = self.counts[f"{hook.name}.failure"] = self.counts[f"{hook.name}.failure"] + 1
-                # No traceback logged or kept: the message names the cause; releasing it frees its frames.
-                logger.warning(
-                    "hook %s failed for task %s: %s: %s (failures in this process: %d of %d)",
-                    hook.name, task_id, type(exc).__name__, exc, failures, self.counts[f"{hook.name}.attempt"],
-                )
-                release_exception(exc)
-            else:
-                self.counts[f"{hook.name}.success"] += 1
+            with tracing.step(tracing.HOOK, task_id, resource=hook.name) as span:
+                outcome = self._run_one(hook, request_map, body, task_id, state)
+                tracing.tag(span, **{"forwarder.hook.outcome": outcome})
+
+    def _run_one(self, hook: Hook, request: Mapping[str, Any], body: dict[str, Any], task_id: str, state: str) -> str:
+        """Run one hook; returns "success" or "failure" (logged and counted, never raised)."""
+        try:
+            hook(request, body, task_id, state)
+        except Exception as exc:
+            failures = self.counts[f"{hook.name}.failure"] = self.counts[f"{hook.name}.failure"] + 1
+            # No traceback logged or kept: the message names the cause; releasing it frees its frames.
+            logger.warning(
+                "hook %s failed for task %s: %s: %s (failures in this process: %d of %d)",
+                hook.name, task_id, type(exc).__name__, exc, failures, self.counts[f"{hook.name}.attempt"],
+            )
+            release_exception(exc)
+            return "failure"
+        self.counts[f"{hook.name}.success"] += 1
+        return "success"
 
     def close(self) -> None:
         """Release what the hooks hold (clients are closed by the process-wide client cache)."""

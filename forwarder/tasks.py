@@ -14,12 +14,12 @@ import logging
 from typing import Any
 
 from billiard.einfo import ExceptionWithTraceback
-from celery import Task, states
+from celery import Task, current_task, states
 from celery.exceptions import Ignore, InvalidTaskError, Reject, Retry, Terminated, WorkerLostError
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
-from forwarder import acks, deps
+from forwarder import acks, deps, tracing
 from forwarder.errors import ForwarderError, MalformedRequest
 from forwarder.extensions.delivery_cap import RECEIVE_COUNT_KEY
 from forwarder.payload import error_payload, format_trace, plan_request, shape_result
@@ -43,13 +43,18 @@ def exec_func(payload: Any = _NO_REQUEST, arrival_timestamp: Any = None, *ignore
     """Forward one request to the model and return the result to store.
 
     ``arrival_timestamp`` and further positional args (``return_pickled``) are accepted and unused;
-    tracing kwargs are ignored (ddtrace propagates context through Celery's headers itself).
+    tracing kwargs are ignored (ddtrace continues a producer's trace from Celery's headers itself, see
+    ``extensions.trace_errors``); its steps are spans (``forwarder.tracing``).
     """
     if payload is _NO_REQUEST:
         raise MalformedRequest("the task has no arguments: expected [request, arrival_timestamp, return_pickled]")
     current = deps.current()
-    plan = plan_request(payload, current.settings.result_format)
-    answer = current.model.predict(plan.body)
+    task_id = current_task.request.id if current_task else None
+    with tracing.step(tracing.PLAN, task_id):
+        plan = plan_request(payload, current.settings.result_format)
+    with tracing.step(tracing.MODEL, task_id) as span:
+        answer = current.model.predict(plan.body)
+        tracing.tag(span, **{"http.status_code": answer.status_code, "forwarder.model.answer_bytes": answer.size})
     return shape_result(answer.body, answer.status_code, plan, max_bytes=current.settings.max_result_bytes)
 
 

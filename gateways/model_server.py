@@ -54,10 +54,11 @@ class ModelResponseTooLarge(ModelServerError):
 
 @dataclass(frozen=True)
 class ModelAnswer:
-    """The model's JSON answer and its HTTP status."""
+    """The model's JSON answer, its HTTP status and its size in bytes."""
 
     status_code: int
     body: Any
+    size: int
 
 
 def build_session(pool_size: int) -> requests.Session:
@@ -133,6 +134,7 @@ class ModelClient:
                 f"model server answered HTTP {response.status_code} with more than {self.max_response_bytes} "
                 f"bytes (the limit, set by {MAX_RESPONSE_VAR}); the answer was dropped"
             )
+        size = len(content)
         text = _decode(content, response.encoding)
         del content  # one copy of the answer at a time: the text, then the parsed JSON
         try:
@@ -145,7 +147,7 @@ class ModelClient:
             )
         if failure is not None:
             raise failure
-        return ModelAnswer(response.status_code, body)
+        return ModelAnswer(response.status_code, body, size)
 
     def _read_body(self, response: requests.Response) -> bytearray | None:
         """The whole body, or None (the response closed) once it is known to exceed the limit.
