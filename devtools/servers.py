@@ -337,7 +337,8 @@ class WorkerProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.temp_dir = Path(tempfile.mkdtemp(prefix="forwarder-worker-"))
         self._remove_temp_dir = weakref.finalize(self, shutil.rmtree, self.temp_dir, ignore_errors=True)
-        self.env = {**env, "TMPDIR": str(self.temp_dir)}
+        # Its own health folder too (FORWARDER_HEALTH_DIR), unless given: workers never share probe files.
+        self.env = {"FORWARDER_HEALTH_DIR": str(self.temp_dir / "health"), **env, "TMPDIR": str(self.temp_dir)}
         self.log_path = self.temp_dir / "worker.log"
         self.log_path.touch()
         self._removed_output = ""  # what the log held when its folder was removed

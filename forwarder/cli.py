@@ -1,6 +1,8 @@
-"""Command line: run the worker (default), ``check`` the environment, or run the local ``demo``.
+"""Command line: run the worker (default), ``check`` the environment, ``probe`` it, or run the local ``demo``.
 
-Exit statuses: 0 done, 2 invalid configuration, 3 model server not ready, 1 anything else.
+Exit statuses: 0 done, 2 invalid configuration, 3 model server not ready, 1 anything else (``probe``: the
+probe failed). ``python -m forwarder probe ...`` does not come through here: ``__main__`` sends it to
+``forwarder.health`` before anything else is imported; ``main(["probe", ...])`` runs the same code.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from forwarder import __version__
 from forwarder.errors import ConfigError
+from forwarder.health import add_probe_parser, run_probe
 from forwarder.pool_bootstrap import EXIT_CONFIG
 from forwarder.pools import ensure_open_files
 from forwarder.settings import describe, load_settings
@@ -32,9 +35,10 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     root.add_argument("--version", action="version", version=f"celery-forwarder {__version__}")
-    commands = root.add_subparsers(dest="command", metavar="{run,check,demo}")
+    commands = root.add_subparsers(dest="command", metavar="{run,check,probe,demo}")
     commands.add_parser("run", help="run the worker (the default)")
     commands.add_parser("check", help="validate the environment and exit")
+    add_probe_parser(commands)
     demo = commands.add_parser("demo", help="run the whole flow locally on embedded servers")
     demo.add_argument("--pool", choices=("prefork", "gevent"), default="prefork")
     demo.add_argument("--tasks", type=int, default=8, help="sample tasks to send (default 8)")
@@ -45,6 +49,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     """Parse the command, load settings and run it; returns the exit status."""
     args = parser().parse_args(argv)
     env = os.environ if environ is None else environ
+    if args.command == "probe":
+        return run_probe(args.check, env)
     if args.command == "demo":
         try:  # dev tooling: in a source checkout, never in the image
             from devtools.demo import run_demo

@@ -17,6 +17,14 @@ from urllib.parse import urlsplit
 
 from forwarder.endpoint_config import read_endpoint_config
 from forwarder.errors import ConfigError
+from forwarder.health import (
+    DEFAULT_HEALTH_DIR,
+    DEFAULT_LIVENESS_MAX_AGE,
+    HEALTH_DIR_ENV,
+    LIVENESS_MAX_AGE_ENV,
+    parse_health_dir,
+    parse_max_age,
+)
 from forwarder.pool_bootstrap import DEFAULT_POOL, POOL_ENV, POOLS
 from forwarder.pools import PoolSizes, pool_sizes
 
@@ -180,6 +188,9 @@ VARS: tuple[Var, ...] = (
     Var("FORWARDER_RETRY_MAX", "5", _non_negative_int, "Retries of a task whose model connection failed (refused, reset, connect timeout).", "retry_max"),
     Var("FORWARDER_RETRY_BACKOFF", "2", _positive_int, "Whole seconds before the first retry; doubles each retry, with full jitter.", "retry_backoff"),
     Var("FORWARDER_RETRY_BACKOFF_MAX", "60", _positive_int, "Longest wait between retries, in whole seconds.", "retry_backoff_max"),
+    # --- Kubernetes probes (python -m forwarder probe live|ready reads these two itself: forwarder.health)
+    Var(HEALTH_DIR_ENV, DEFAULT_HEALTH_DIR, parse_health_dir, "Absolute folder of the health files the worker writes and `python -m forwarder probe live|ready` reads (created at start; one worker per folder).", "health_dir"),
+    Var(LIVENESS_MAX_AGE_ENV, DEFAULT_LIVENESS_MAX_AGE, parse_max_age, "Seconds (>= 1) without a heartbeat from the consumer's loop after which `probe live` fails; the loop beats every quarter of it (at most every 10 s).", "liveness_max_age"),
     # --- post-inference hooks
     Var("FORWARDER_HOOKS", "", hook_names, "Comma-separated post-inference hooks: callback, logging (empty: none).", "hooks"),
     Var("FORWARDER_ENDPOINT_CONFIG_PATH", "", _text, "Optional llm-engine endpoint-config file (base64 JSON); its hooks and identity are used where the FORWARDER_ variables are unset.", "endpoint_config_path"),
@@ -247,6 +258,8 @@ class Settings:
     retry_max: int
     retry_backoff: int
     retry_backoff_max: int
+    health_dir: str
+    liveness_max_age: float
     hooks: tuple[str, ...]
     endpoint_config_path: str
     endpoint_id: str

@@ -43,6 +43,8 @@ BAD_VALUES = {
     "FORWARDER_RETRY_MAX": "many",
     "FORWARDER_RETRY_BACKOFF": "0",
     "FORWARDER_RETRY_BACKOFF_MAX": "1.5",
+    "FORWARDER_HEALTH_DIR": "relative/health",
+    "FORWARDER_LIVENESS_MAX_AGE": "0.5",
     "FORWARDER_HOOKS": "billing",
     "FORWARDER_ENDPOINT_CONFIG_PATH": "/nonexistent/endpoint_config",
     "FORWARDER_LABELS": "{not json",

@@ -28,6 +28,7 @@ from forwarder.extensions.base import Extension, Extensions
 from forwarder.extensions.close_clients import CloseClients
 from forwarder.extensions.delivery_cap import CapDeliveries
 from forwarder.extensions.memory_debug import MemoryDebug
+from forwarder.extensions.probes import HealthProbes
 from forwarder.extensions.ready_line import ReadyLine
 from forwarder.extensions.redelivery import RedeliverySweep
 from forwarder.extensions.release_exceptions import ReleaseExceptions
@@ -48,6 +49,7 @@ def default_extensions() -> Extensions:
             MemoryDebug(),  # FORWARDER_MEMORY_DEBUG: per-process tracing and dumps; else SIGUSR2 ignored
             RedeliverySweep(),  # Redis broker: restore a dead worker's unacked messages every few seconds
             ReadyLine(),  # "forwarder ready: ..." once consuming
+            HealthProbes(),  # files for `probe live|ready`: a heartbeat from the consumer's loop, ready/stopping marks
             FlagFailuresInTrace(),  # ddtrace: a failed task's span is an error
             CapDeliveries(),  # a message whose deliveries all killed their worker: refused, stored FAILURE
             HandBackOnShutdown(),  # warm shutdown: requeue, unrun, a task that would start now
