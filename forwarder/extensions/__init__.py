@@ -28,6 +28,7 @@ from forwarder.extensions.base import Extension, Extensions
 from forwarder.extensions.close_clients import CloseClients
 from forwarder.extensions.delivery_cap import CapDeliveries
 from forwarder.extensions.memory_debug import MemoryDebug
+from forwarder.extensions.metrics import TaskMetrics
 from forwarder.extensions.ready_line import ReadyLine
 from forwarder.extensions.redelivery import RedeliverySweep
 from forwarder.extensions.release_exceptions import ReleaseExceptions
@@ -46,6 +47,7 @@ def default_extensions() -> Extensions:
             ReleaseExceptions(),  # last word on every task: free the frames its exception holds
             CloseClients(),  # process stop: close every cached client
             MemoryDebug(),  # FORWARDER_MEMORY_DEBUG: per-process tracing and dumps; else SIGUSR2 ignored
+            TaskMetrics(),  # DogStatsD: every attempt (refused ones too), outcomes, hooks, saturation, RSS
             RedeliverySweep(),  # Redis broker: restore a dead worker's unacked messages every few seconds
             ReadyLine(),  # "forwarder ready: ..." once consuming
             FlagFailuresInTrace(),  # ddtrace: a failed task's span is an error
