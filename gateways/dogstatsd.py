@@ -18,6 +18,7 @@ Rules kept here:
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -104,7 +105,7 @@ class Metrics:
 
         logging.getLogger(_CLIENT_LOGGER).setLevel(logging.ERROR)
         client = DogStatsd(
-            host=self.host or "localhost",
+            host=self._address(),
             port=self.port or 8125,
             socket_path=self.socket_path,
             constant_tags=list(self.tags),
@@ -113,6 +114,16 @@ class Metrics:
             disable_buffering=True,  # each metric leaves at once: nothing to flush, no thread
         )
         return client, None
+
+
+    def _address(self) -> str:
+        """The agent's address, resolved once per build: the client would resolve a name again after every
+        send error (a DNS lookup per metric when no agent listens); a failure here backs off instead."""
+        if self.socket_path is not None:
+            return "localhost"  # unused
+        found = socket.getaddrinfo(self.host or "localhost", self.port, 0, socket.SOCK_DGRAM)
+        found.sort(key=lambda info: info[0] == socket.AF_INET, reverse=True)  # IPv4 first, as the client does
+        return str(found[0][4][0])
 
 
 def _close(client: Any) -> None:

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -156,6 +157,11 @@ def test_no_agent_and_a_full_buffer_never_block_or_raise():
         full = Metrics(host="127.0.0.1", port=deaf.getsockname()[1])
         assert _sends_per_second(nobody) < 5
         assert _sends_per_second(full) < 5
+    # A unix socket that never reads: there the sender's buffer does fill (EAGAIN), where a blocking
+    # client would wait for good.
+    with tempfile.TemporaryDirectory() as folder, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as deaf_unix:
+        deaf_unix.bind(f"{folder}/dsd.socket")
+        assert _sends_per_second(Metrics(url=f"unix://{folder}/dsd.socket")) < 5
     unresolvable = Metrics(host="no-such-agent.invalid", port=8125)
     started = time.monotonic()
     unresolvable.increment("forwarder.test.count")
@@ -287,23 +293,27 @@ def _timed_tasks(producer, queue: str, count: int = 12) -> float:
 
 
 @pytest.mark.parametrize("pool", ["prefork", "gevent"])
-def test_no_agent_or_a_full_buffer_slows_no_task(pool, start_worker, producer, queue):
+def test_no_agent_or_a_full_buffer_slows_no_task(pool, start_worker, producer, queue, tmp_path):
     deaf = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     deaf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     deaf.bind(("127.0.0.1", 0))  # never read: its buffer is full after a few packets
+    deaf_unix = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    deaf_unix.bind(str(tmp_path / "dsd.socket"))  # never read: the senders' sends would block (EAGAIN)
     try:
         runs = {
             "off": {"FORWARDER_METRICS": "0"},
             "nobody": {"DD_AGENT_HOST": "127.0.0.1", "DD_DOGSTATSD_PORT": str(free_port())},
-            "full": {"DD_AGENT_HOST": "127.0.0.1", "DD_DOGSTATSD_PORT": str(deaf.getsockname()[1])},
+            "full_udp": {"DD_AGENT_HOST": "127.0.0.1", "DD_DOGSTATSD_PORT": str(deaf.getsockname()[1])},
+            "full_unix": {"DD_DOGSTATSD_URL": f"unix://{tmp_path / 'dsd.socket'}"},
         }
         times = {}
         for name, env in runs.items():
             own = f"{queue}-{name}"
             start_worker(pool, CELERY_QUEUE=own, **env)
-            _timed_tasks(producer, own, 2)  # warm up
+            _timed_tasks(producer, own, 40)  # warm up, and fill the buffers
             times[name] = _timed_tasks(producer, own)
-        assert times["nobody"] < times["off"] * 2 + 1, times
-        assert times["full"] < times["off"] * 2 + 1, times
+        for name in ("nobody", "full_udp", "full_unix"):
+            assert times[name] < times["off"] * 2 + 1, times
     finally:
         deaf.close()
+        deaf_unix.close()

@@ -110,6 +110,14 @@ class TaskMetrics(Extension):
             runner.observe(self.hook_event)
         app.steps["consumer"].add(type("WorkerGauges", (WorkerGauges,), {"extension": self}))
 
+    def process_start(self) -> None:
+        """Build this process's client now (a prefork child: its own), not on a task's path."""
+        if self.metrics.enabled:
+            try:
+                self.metrics.client()
+            except Exception as exc:  # no agent address yet: the sends will try again, with backoff
+                logger.warning("metrics client not built: %s: %s", type(exc).__name__, exc)
+
     def process_stop(self) -> None:
         self.metrics.close()
 
