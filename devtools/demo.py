@@ -26,10 +26,14 @@ def producer(broker: str, backend: str) -> Celery:
     return app
 
 
-def send(app: Celery, request: Any, task_name: str = TASK_NAME, queue: str = QUEUE, **options: Any):  # noqa: ANN201
-    """Send one request the way llm-engine does: [request, arrival datetime, return_pickled] (``options``: to
-    ``send_task``, e.g. ``headers``)."""
-    return app.send_task(task_name, args=[request, datetime.now(), False], kwargs={}, queue=queue, expires=86400,
+def send(  # noqa: ANN201
+    app: Celery, request: Any, task_name: str = TASK_NAME, queue: str = QUEUE, arrival: datetime | None = None,
+    **options: Any,
+):
+    """Send one request the way llm-engine does: [request, arrival datetime (default: now), return_pickled]
+    (``options``: to ``send_task``, e.g. ``headers``)."""
+    arrival = datetime.now() if arrival is None else arrival
+    return app.send_task(task_name, args=[request, arrival, False], kwargs={}, queue=queue, expires=86400,
                          **options)
 
 

@@ -50,8 +50,8 @@ class CallbackHook:
 
     def __call__(
         self, request: Mapping[str, Any], response: dict[str, Any], task_id: str, state: str = "SUCCESS"
-    ) -> None:
-        """Send the outcome to the callback URL, if there is one.
+    ) -> bool:
+        """Send the outcome to the callback URL, if there is one; False when there is none (nothing sent).
 
         SUCCESS: the stored result with ``task_id`` (llm-engine's body). FAILURE (llm-engine sends none):
         ``{"task_id", "state": "FAILURE", "error"}``, the error text llm-engine's API shows for the task;
@@ -65,7 +65,7 @@ class CallbackHook:
         url = self._url(request)
         if not url:
             logger.debug("task %s: no callback URL in the request and no default; no callback", task_id)
-            return
+            return False
         auth = self._auth(request)
         where = _host_of(url)
         body = response if state != "FAILURE" else failure_body(response, task_id)
@@ -74,6 +74,7 @@ class CallbackHook:
         logger.info(
             "callback for task %s delivered to %s in %.2f s", task_id, where, time.monotonic() - started
         )
+        return True
 
     # ------------------------------------------------------------------------------ internals
 

@@ -27,6 +27,7 @@ from forwarder.health import (
 )
 from forwarder.pool_bootstrap import DEFAULT_POOL, POOL_ENV, POOLS
 from forwarder.pools import PoolSizes, pool_sizes
+from gateways.dogstatsd import parse_url as parse_dogstatsd_url
 
 RESULT_FORMATS = ("wrapped", "raw")
 HOOK_NAMES = ("callback", "logging")
@@ -141,6 +142,17 @@ def _json_object(raw: str) -> dict[str, Any]:
     return value
 
 
+def _port(raw: str) -> int:
+    return _bounded_int(raw, 1, 65535)
+
+
+def _optional_dogstatsd_url(raw: str) -> str:
+    value = raw.strip()
+    if value:
+        parse_dogstatsd_url(value)
+    return value
+
+
 def _csv(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
@@ -211,6 +223,12 @@ VARS: tuple[Var, ...] = (
     Var("FIREHOSE_SESSION_DURATION", "3600", lambda raw: _bounded_int(raw, 900, 43200), "Assume-role session length in seconds (900-43200); an hour avoids botocore's 15-minute refresh on every call.", "firehose_session_duration"),
     Var("FIREHOSE_REFRESH_LEEWAY", "600", _non_negative_float, "Rebuild the Firehose client this many seconds before its credentials expire.", "firehose_refresh_leeway"),
     Var("FIREHOSE_CLIENT_MAX_POOL_CONNECTIONS", "", _optional_positive_int, "Connection pool of the Firehose client (unset: the tasks one process runs at once, plus a margin, at least 10).", "firehose_max_pool_connections"),
+    # --- metrics (DogStatsD)
+    Var("FORWARDER_METRICS", "1", _bool, "Send DogStatsD metrics to the local Datadog agent (0: none). Sending never blocks a task: a packet nobody takes is dropped.", "metrics"),
+    Var("FORWARDER_STUCK_AFTER", "86400", _positive_float, "Seconds after its arrival (the producer's timestamp) at which a task that starts counts as stuck (scale_launch.async_task.stuck.count; llm-engine: a day).", "stuck_after"),
+    Var("DD_AGENT_HOST", "localhost", lambda raw: raw.strip() or "localhost", "Host of the Datadog agent's DogStatsD (the node's IP in Kubernetes).", "dd_agent_host"),
+    Var("DD_DOGSTATSD_PORT", "8125", _port, "UDP port of the agent's DogStatsD.", "dd_dogstatsd_port"),
+    Var("DD_DOGSTATSD_URL", "", _optional_dogstatsd_url, "DogStatsD address as a URL, winning over host and port: udp://host:port or unix:///path/to/dsd.socket.", "dd_dogstatsd_url"),
     # --- memory diagnostics
     Var("FORWARDER_MEMORY_DEBUG", "0", _bool, "1: trace allocations and log a memory dump per process every interval and on SIGUSR2.", "memory_debug"),
     Var("FORWARDER_MEMORY_DEBUG_INTERVAL", "300", _positive_float, "Seconds between memory dumps.", "memory_debug_interval"),
@@ -280,6 +298,11 @@ class Settings:
     firehose_refresh_leeway: float
     firehose_max_pool_connections: int | None
     aws_region: str
+    metrics: bool
+    stuck_after: float
+    dd_agent_host: str
+    dd_dogstatsd_port: int
+    dd_dogstatsd_url: str
     memory_debug: bool
     memory_debug_interval: float
     memory_debug_top: int

@@ -22,6 +22,7 @@ from celery.worker.request import Request
 from forwarder import acks, deps, tracing
 from forwarder.errors import ForwarderError, MalformedRequest
 from forwarder.extensions.delivery_cap import RECEIVE_COUNT_KEY
+from forwarder.extensions.metrics import MODEL_ANSWER_KEY
 from forwarder.payload import error_payload, format_trace, plan_request, shape_result
 from gateways.errors import GatewayError, release_exception
 
@@ -55,7 +56,15 @@ def exec_func(payload: Any = _NO_REQUEST, arrival_timestamp: Any = None, *ignore
     with tracing.step(tracing.MODEL, task_id) as span:
         answer = current.model.predict(plan.body)
         tracing.tag(span, **{"http.status_code": answer.status_code, "forwarder.model.answer_bytes": answer.size})
+    note_model_answer(answer.status_code, answer.seconds)
     return shape_result(answer.body, answer.status_code, plan, max_bytes=current.settings.max_result_bytes)
+
+
+def note_model_answer(status_code: int, seconds: float) -> None:
+    """Keep the model call's status and duration on the running task's request, for the extensions."""
+    request = getattr(current_task, "request", None)
+    if request is not None:
+        setattr(request, MODEL_ANSWER_KEY, (status_code, seconds))
 
 
 class CheckedRequest(Request):

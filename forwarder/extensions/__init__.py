@@ -28,6 +28,7 @@ from forwarder.extensions.base import Extension, Extensions
 from forwarder.extensions.close_clients import CloseClients
 from forwarder.extensions.delivery_cap import CapDeliveries
 from forwarder.extensions.memory_debug import MemoryDebug
+from forwarder.extensions.metrics import TaskMetrics
 from forwarder.extensions.probes import HealthProbes
 from forwarder.extensions.ready_line import ReadyLine
 from forwarder.extensions.redelivery import RedeliverySweep
@@ -47,6 +48,7 @@ def default_extensions() -> Extensions:
             ReleaseExceptions(),  # last word on every task: free the frames its exception holds
             CloseClients(),  # process stop: close every cached client
             MemoryDebug(),  # FORWARDER_MEMORY_DEBUG: per-process tracing and dumps; else SIGUSR2 ignored
+            TaskMetrics(),  # DogStatsD: every attempt (refused ones too), outcomes, hooks, saturation, RSS
             RedeliverySweep(),  # Redis broker: restore a dead worker's unacked messages every few seconds
             ReadyLine(),  # "forwarder ready: ..." once consuming
             HealthProbes(),  # files for `probe live|ready`: a heartbeat from the consumer's loop, ready/stopping marks

@@ -1,0 +1,247 @@
+"""DogStatsD metrics: llm-engine's names, so its dashboards keep working, and the worker's own under ``forwarder.``.
+
+Every metric is listed, with its type and tags, in the README's "Metrics" section. Sending never blocks
+or fails a task (``gateways.dogstatsd``); ``FORWARDER_METRICS=0`` sends nothing.
+
+- Per task, in the process that runs it: ``received`` and ``stuck`` before the body runs (every attempt,
+  refused and retried ones included; stuck: the producer's arrival timestamp is older than
+  ``FORWARDER_STUCK_AFTER`` when the task starts), the outcome and the end-to-end latency once it is done.
+- Per hook (``hooks.HookRunner``'s observer): attempt, success (delivered), skipped, failure.
+- Every few seconds, on the main process's timer: tasks in flight against the concurrency, and RSS.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, Task, bootsteps, states
+from celery.exceptions import Reject
+from celery.worker import state as worker_state
+
+from forwarder.extensions.base import Extension
+from forwarder.extensions.delivery_cap import PoisonMessage
+from forwarder.settings import Settings
+from gateways.dogstatsd import Metrics
+
+logger = logging.getLogger(__name__)
+
+#: llm-engine's names (``DatadogInferenceMonitoringMetricsGateway``).
+RECEIVED = "scale_launch.async_task.received.count"
+STUCK = "scale_launch.async_task.stuck.count"
+HOOK = "scale_launch.post_inference_hook.{hook}.{event}"
+#: The worker's own.
+PREFIX = "forwarder."
+SUCCEEDED = PREFIX + "task.succeeded"
+FAILED = PREFIX + "task.failed"
+RETRIED = PREFIX + "task.retried"
+REFUSED = PREFIX + "task.refused"
+HANDED_BACK = PREFIX + "task.handed_back"
+END_TO_END = PREFIX + "task.end_to_end_seconds"
+HOOK_FAILED = PREFIX + "hook.failed"
+HOOK_SKIPPED = PREFIX + "hook.skipped"
+IN_FLIGHT = PREFIX + "worker.in_flight"
+CONCURRENCY = PREFIX + "worker.concurrency"
+SATURATION = PREFIX + "worker.saturation"
+RSS = PREFIX + "worker.rss_bytes"
+MODEL_RESPONSES = PREFIX + "model.responses"
+MODEL_LATENCY = PREFIX + "model.latency_seconds"
+#: Attribute of the running task's request holding ``(status_code, seconds)`` of its model call
+#: (set by ``tasks.exec_func``).
+MODEL_ANSWER_KEY = "forwarder_model_answer"
+#: Seconds between the gauges.
+GAUGE_INTERVAL = 5.0
+
+
+def build_metrics(settings: Settings) -> Metrics:
+    """The process's DogStatsD client from the settings, with the endpoint identity as global tags."""
+    tags = [f"endpoint_id:{settings.endpoint_id}" if settings.endpoint_id else "",
+            f"endpoint_name:{settings.endpoint_name}" if settings.endpoint_name else ""]
+    return Metrics(
+        enabled=settings.metrics,
+        host=settings.dd_agent_host,
+        port=settings.dd_dogstatsd_port,
+        url=settings.dd_dogstatsd_url,
+        tags=tags,
+    )
+
+
+def arrival_time(value: Any) -> datetime | None:
+    """The producer's arrival timestamp (a datetime, or its ISO string once JSON-encoded); None if neither."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    return value if isinstance(value, datetime) else None
+
+
+def age_seconds(arrival: datetime, now: datetime | None = None) -> float:
+    """Seconds since ``arrival``: an aware one against UTC now, a naive one (llm-engine sends
+    ``datetime.now()``) against local now, as llm-engine compares them."""
+    if now is None:
+        now = datetime.now(UTC) if arrival.tzinfo is not None else datetime.now()
+    return (now - arrival).total_seconds()
+
+
+class TaskMetrics(Extension):
+    """Sends the task, hook and worker metrics."""
+
+    metrics: Metrics
+
+    def install(self, app: Celery, settings: Settings) -> None:
+        self.metrics = build_metrics(settings)
+        self.queue = settings.queue
+        self.pool = settings.pool
+        self.concurrency = settings.concurrency
+        self.stuck_after = settings.stuck_after
+        if not settings.metrics:
+            return
+        from forwarder import deps  # deps builds the extensions: imported here, not at module load
+
+        try:
+            runner = deps.current().hooks  # the worker installs its deps before the extensions
+        except RuntimeError:
+            runner = None  # extensions installed alone (tests): no hooks to observe
+        if runner is not None:
+            runner.observe(self.hook_event)
+        app.steps["consumer"].add(type("WorkerGauges", (WorkerGauges,), {"extension": self}))
+
+    def process_start(self) -> None:
+        """Build this process's client now (a prefork child: its own), not on a task's path."""
+        if self.metrics.enabled:
+            try:
+                self.metrics.client()
+            except Exception as exc:  # no agent address yet: the sends will try again, with backoff
+                logger.warning("metrics client not built: %s: %s", type(exc).__name__, exc)
+
+    def process_stop(self) -> None:
+        self.metrics.close()
+
+    def before_task(self, task: Task, task_id: str) -> None:
+        if not self.metrics.enabled:
+            return
+        self.metrics.increment(RECEIVED, tags=[f"queue_name:{self.queue}"])
+        arrival = self._arrival(task)
+        if arrival is not None and age_seconds(arrival) > self.stuck_after:
+            self.metrics.increment(STUCK, tags=[f"queue_name:{self.queue}"])
+
+    def task_done(self, task: Task, task_id: str, state: str, retval: Any) -> None:
+        if not self.metrics.enabled:
+            return
+        tags = self._tags(task)
+        answer = getattr(task.request, MODEL_ANSWER_KEY, None)
+        if answer is not None:  # the model answered (any status): its status and how long it took
+            status_tags = [*tags, f"status_code:{answer[0]}"]
+            self.metrics.increment(MODEL_RESPONSES, tags=status_tags)
+            self.metrics.distribution(MODEL_LATENCY, answer[1], tags=status_tags)
+        if state == states.SUCCESS:
+            self.metrics.increment(SUCCEEDED, tags=tags)
+            outcome = "success"
+        elif state == states.FAILURE:
+            exc_type = type(retval).__name__ if isinstance(retval, BaseException) else "unknown"
+            self.metrics.increment(FAILED, tags=[*tags, f"exc_type:{exc_type}"])
+            if isinstance(retval, PoisonMessage):
+                self.metrics.increment(REFUSED, tags=tags)
+            outcome = "failure"
+        elif state == states.RETRY:
+            self.metrics.increment(RETRIED, tags=tags)
+            outcome = "retry"
+        elif state == states.REJECTED and isinstance(retval, Reject) and retval.requeue:
+            self.metrics.increment(HANDED_BACK, tags=tags)
+            return
+        else:
+            return
+        arrival = self._arrival(task)
+        if arrival is not None:
+            self.metrics.distribution(END_TO_END, age_seconds(arrival), tags=[*tags, f"outcome:{outcome}"])
+
+    def hook_event(self, hook: str, event: str, error_type: str) -> None:
+        """``hooks.HookRunner``'s observer."""
+        if event in ("attempt", "success"):
+            self.metrics.increment(HOOK.format(hook=hook, event=event))
+        elif event == "failure":
+            self.metrics.increment(HOOK_FAILED, tags=[*self._base_tags(), f"hook:{hook}", f"error_type:{error_type}"])
+        elif event == "skipped":
+            self.metrics.increment(HOOK_SKIPPED, tags=[*self._base_tags(), f"hook:{hook}"])
+
+    def gauges(self) -> None:
+        """In the main process, every few seconds: saturation and memory."""
+        in_flight = len(worker_state.active_requests)
+        tags = self._base_tags()
+        self.metrics.gauge(IN_FLIGHT, in_flight, tags=tags)
+        self.metrics.gauge(CONCURRENCY, self.concurrency, tags=tags)
+        self.metrics.gauge(SATURATION, in_flight / self.concurrency, tags=tags)
+        main, children = rss_bytes(os.getpid()), sum(rss_bytes(pid) for pid in child_pids())
+        self.metrics.gauge(RSS, main, tags=[*tags, "process:main"])
+        if children:
+            self.metrics.gauge(RSS, children, tags=[*tags, "process:children"])
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _base_tags(self) -> list[str]:
+        return [f"queue:{self.queue}", f"pool:{self.pool}"]
+
+    def _tags(self, task: Task) -> list[str]:
+        return [*self._base_tags(), f"task_name:{getattr(task, 'name', '') or 'unknown'}"]
+
+    @staticmethod
+    def _arrival(task: Task) -> datetime | None:
+        args: Any = getattr(task.request, "args", None) or ()
+        return arrival_time(args[1]) if len(args) > 1 else None
+
+
+class WorkerGauges(bootsteps.StartStopStep):
+    """Consumer step: the worker gauges every ``GAUGE_INTERVAL`` seconds, on the main process's timer."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+    #: Set on the subclass ``TaskMetrics.install`` adds.
+    extension: TaskMetrics | None = None
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.tref: Any = None
+
+    def start(self, c: Any) -> None:
+        if self.extension is not None:
+            self.tref = c.timer.call_repeatedly(GAUGE_INTERVAL, self.tick, (self.extension,))
+
+    def stop(self, c: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+
+    shutdown = stop
+
+    @staticmethod
+    def tick(extension: TaskMetrics) -> None:
+        try:
+            extension.gauges()
+        except Exception as exc:  # never stop the timer
+            logger.warning("worker gauges failed: %s: %s", type(exc).__name__, exc)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` in bytes (Linux /proc; 0 when unknown)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def child_pids() -> list[int]:
+    """This process's children (prefork's pool processes), from /proc; empty when unknown."""
+    pids: list[int] = []
+    try:
+        for task_dir in Path("/proc/self/task").iterdir():
+            pids += [int(pid) for pid in (task_dir / "children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+    return pids
+

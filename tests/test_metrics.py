@@ -1,0 +1,319 @@
+"""DogStatsD metrics: the packets a real worker sends under both pools, and that sending never slows a task.
+
+A UDP listener on 127.0.0.1 plays the Datadog agent (``DD_AGENT_HOST``/``DD_DOGSTATSD_PORT``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from devtools.demo import send
+from devtools.servers import free_port, wait_for
+from forwarder.callback_hook import CallbackHook
+from forwarder.extensions.metrics import age_seconds, arrival_time
+from forwarder.hooks import HookRunner
+from gateways.dogstatsd import Metrics, parse_url
+
+ROOT = Path(__file__).resolve().parent.parent
+SENT = 2  # successful tasks per worker run
+
+
+@dataclass(frozen=True)
+class Packet:
+    name: str
+    value: float
+    kind: str
+    tags: frozenset[str]
+
+    @classmethod
+    def parse(cls, line: str) -> Packet:
+        head, *fields = line.split("|")
+        name, _, value = head.rpartition(":")
+        tags = next((field[1:].split(",") for field in fields[1:] if field.startswith("#")), [])
+        return cls(name, float(value), fields[0], frozenset(tags))
+
+
+class Agent:
+    """A DogStatsD stand-in: every packet received on 127.0.0.1:<port>, parsed."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.packets: list[Packet] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.packets += [Packet.parse(line) for line in data.decode().splitlines() if line]
+
+    def named(self, name: str, *tags: str) -> list[Packet]:
+        return [p for p in list(self.packets) if p.name == name and set(tags) <= p.tags]
+
+    def total(self, name: str, *tags: str) -> float:
+        return sum(p.value for p in self.named(name, *tags))
+
+    def wait(self, name: str, total: float, *tags: str, timeout: float = 20) -> None:
+        wait_for(lambda: self.total(name, *tags) >= total, timeout,
+                 f"{name} {tags} >= {total}; got {sorted({p.name for p in self.packets})}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        self._thread.join(2)
+
+
+@pytest.fixture
+def agent() -> Iterator[Agent]:
+    listener = Agent()
+    yield listener
+    listener.close()
+
+
+# ----------------------------------------------------------------------------------- unit
+
+
+def test_a_counter_reaches_the_agent_with_global_and_own_tags(agent, monkeypatch):
+    monkeypatch.setenv("DD_ENV", "staging")
+    metrics = Metrics(host="127.0.0.1", port=agent.port, tags=["endpoint_id:e-1", ""])
+    metrics.increment("forwarder.test.count", tags=["queue:q"])
+    metrics.distribution("forwarder.test.seconds", 1.5)
+    metrics.gauge("forwarder.test.gauge", 3)
+    agent.wait("forwarder.test.gauge", 3)
+    (count,) = agent.named("forwarder.test.count")
+    assert (count.kind, count.value) == ("c", 1)
+    assert {"queue:q", "endpoint_id:e-1", "env:staging"} <= count.tags
+    assert agent.named("forwarder.test.seconds")[0].kind == "d"
+    assert metrics._client is not None and metrics._client.builds == 1  # one client for every send
+
+
+def test_metrics_off_build_nothing_and_send_nothing(agent):
+    metrics = Metrics(enabled=False, host="127.0.0.1", port=agent.port)
+    metrics.increment("forwarder.test.count")
+    assert metrics.client() is None
+    time.sleep(0.3)
+    assert agent.packets == []
+
+
+def test_a_unix_socket_url(tmp_path):
+    path = str(tmp_path / "dsd.socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(path)
+        server.settimeout(5)
+        Metrics(url=f"unix://{path}").increment("forwarder.test.count", tags=["a:b"])
+        assert server.recv(1024).decode().strip() == "forwarder.test.count:1|c|#a:b"
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("udp://10.0.0.1:8126", ("10.0.0.1", 8126, None)),
+    ("udp://agent", ("agent", 8125, None)),
+    ("unix:///var/run/datadog/dsd.socket", ("", None, "/var/run/datadog/dsd.socket")),
+])
+def test_dogstatsd_url(url, expected):
+    assert parse_url(url) == expected
+
+
+@pytest.mark.parametrize("url", ["tcp://localhost:8125", "udp://", "unix://", "localhost:8125"])
+def test_a_bad_dogstatsd_url_is_refused(url):
+    with pytest.raises(ValueError):
+        parse_url(url)
+
+
+def _sends_per_second(metrics: Metrics, count: int = 20000) -> float:
+    started = time.monotonic()
+    for index in range(count):
+        metrics.increment("forwarder.test.count", tags=[f"n:{index % 7}"])
+    return time.monotonic() - started
+
+
+def test_no_agent_and_a_full_buffer_never_block_or_raise():
+    # Nobody listening (ICMP refusals), and a socket that never reads (its buffer fills at once).
+    nobody = Metrics(host="127.0.0.1", port=free_port())
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as deaf:
+        deaf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        deaf.bind(("127.0.0.1", 0))
+        full = Metrics(host="127.0.0.1", port=deaf.getsockname()[1])
+        assert _sends_per_second(nobody) < 5
+        assert _sends_per_second(full) < 5
+    # A unix socket that never reads: there the sender's buffer does fill (EAGAIN), where a blocking
+    # client would wait for good.
+    with tempfile.TemporaryDirectory() as folder, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as deaf_unix:
+        deaf_unix.bind(f"{folder}/dsd.socket")
+        assert _sends_per_second(Metrics(url=f"unix://{folder}/dsd.socket")) < 5
+    unresolvable = Metrics(host="no-such-agent.invalid", port=8125)
+    started = time.monotonic()
+    unresolvable.increment("forwarder.test.count")
+    assert time.monotonic() - started < 10
+
+
+def test_under_gevent_the_socket_is_gevents_and_a_forked_child_builds_its_own(agent):
+    script = f"""
+import gevent.monkey; gevent.monkey.patch_all()
+import json, os, sys
+from gateways.dogstatsd import Metrics
+metrics = Metrics(host="127.0.0.1", port={agent.port})
+metrics.increment("forwarder.test.parent")
+parent = metrics.client()
+pid = os.fork()
+if pid == 0:
+    metrics.increment("forwarder.test.child")
+    os._exit(0 if metrics.client() is not parent and metrics._client.builds == 1 else 1)
+_, status = os.waitpid(pid, 0)
+print(json.dumps({{"module": type(parent.socket).__module__, "child": status}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["module"].startswith("gevent"), report
+    assert report["child"] == 0
+    agent.wait("forwarder.test.child", 1)
+
+
+def test_hook_outcomes_reach_the_observer_and_a_skipped_callback_is_no_success():
+    events: list[tuple[str, str, str]] = []
+
+    class Broken:
+        name = "broken"
+
+        def __call__(self, *args: object) -> None:
+            raise OSError("down")
+
+    callback = CallbackHook(client=None)  # type: ignore[arg-type]  # no URL: never reaches the client
+    runner = HookRunner([callback, Broken()], observer=lambda *event: events.append(event))
+    runner.run({}, {"result": 1}, "t-1")
+    assert events == [("callback", "attempt", ""), ("callback", "skipped", ""),
+                      ("broken", "attempt", ""), ("broken", "failure", "OSError")]
+    assert runner.counts["callback.success"] == 0 and runner.counts["callback.skipped"] == 1
+
+
+def test_arrival_timestamps():
+    naive = datetime(2024, 1, 1, 12, 0, 0)
+    assert arrival_time(naive.isoformat()) == naive
+    assert arrival_time(naive) == naive
+    assert arrival_time("yesterday") is None and arrival_time(None) is None and arrival_time(5) is None
+    aware = datetime.now(UTC) - timedelta(hours=25)
+    assert 25 * 3600 - 5 < age_seconds(arrival_time(aware.isoformat())) < 25 * 3600 + 5  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------- worker
+
+
+def _statsd_env(port: int) -> dict[str, str]:
+    return {"DD_AGENT_HOST": "127.0.0.1", "DD_DOGSTATSD_PORT": str(port), "DD_ENV": "test",
+            "DD_SERVICE": "forwarder-test", "DD_VERSION": "1.2.3",
+            "FORWARDER_ENDPOINT_ID": "end-1", "FORWARDER_ENDPOINT_NAME": "my-endpoint"}
+
+
+@pytest.mark.parametrize("pool", ["prefork", "gevent"])
+def test_a_worker_sends_llm_engines_metrics_and_its_own(pool, agent, start_worker, producer, queue):
+    dead = free_port()
+    env = _statsd_env(agent.port)
+    worker = start_worker(pool, FORWARDER_HOOKS="callback", FORWARDER_CALLBACK_ALLOWED_HOSTS="127.0.0.1",
+                          FORWARDER_CALLBACK_RETRIES="1", FORWARDER_CALLBACK_TIMEOUT="2", **env)
+    # Retries: a second worker whose model is a closed port, on a queue of its own.
+    retry_queue = f"{queue}-retry"
+    start_worker(pool, CELERY_QUEUE=retry_queue, FORWARDER_MODEL_URL=f"http://127.0.0.1:{dead}/predict",
+                 FORWARDER_READY_TIMEOUT="0", FORWARDER_RETRY_MAX="1", **env)
+    results = [send(producer, {"args": {"n": n}}, queue=queue) for n in range(SENT)]
+    failed = send(producer, {"args": 7}, queue=queue)  # MalformedRequest, before any HTTP call
+    stuck = send(producer, {"args": {"old": True}}, queue=queue, arrival=datetime.now() - timedelta(days=2))
+    hooked = send(producer, {"args": {"n": 9}, "callback_url": f"http://127.0.0.1:{dead}/cb"}, queue=queue)
+    retried = send(producer, {"args": {"n": 1}}, queue=retry_queue)
+    for result in [*results, stuck, hooked]:
+        assert result.get(timeout=30)["status_code"] == 200
+    for result in (failed, retried):
+        result.get(timeout=60, propagate=False)
+        assert result.status == "FAILURE"
+
+    common = {"pool:" + pool, "env:test", "service:forwarder-test", "version:1.2.3", "endpoint_id:end-1",
+              "endpoint_name:my-endpoint"}
+    ours = {"queue:" + queue, "task_name:ml_serve.celery_service.exec_func", *common}
+    ok = SENT + 2  # plain, stuck, hooked
+    agent.wait("forwarder.task.succeeded", ok, *ours)
+    agent.wait("forwarder.task.failed", 1, *ours, "exc_type:MalformedRequest")
+    agent.wait("scale_launch.async_task.received.count", ok + 1, f"queue_name:{queue}")
+    agent.wait("scale_launch.async_task.stuck.count", 1, f"queue_name:{queue}")
+    # A retry, then its final failure: two attempts received.
+    agent.wait("forwarder.task.retried", 1, "queue:" + retry_queue, f"pool:{pool}")
+    agent.wait("forwarder.task.failed", 1, "queue:" + retry_queue, "exc_type:ModelConnectionError")
+    agent.wait("scale_launch.async_task.received.count", 2, f"queue_name:{retry_queue}")
+    # Hooks: every task is an attempt; only the one with a URL was tried, and it failed: no success at all.
+    hook_attempts = ok + 1
+    agent.wait("scale_launch.post_inference_hook.callback.attempt", hook_attempts)
+    agent.wait("forwarder.hook.failed", 1, "hook:callback", "error_type:CallbackError", *common)
+    agent.wait("forwarder.hook.skipped", hook_attempts - 1, "hook:callback")
+    # End-to-end latency: one per outcome, the stuck task's about two days.
+    latencies = [p.value for p in agent.named("forwarder.task.end_to_end_seconds", "outcome:success", *ours)]
+    assert len(latencies) == ok and max(latencies) > 2 * 86400 - 60
+    assert sorted(latencies)[0] < 30
+    assert agent.named("forwarder.task.end_to_end_seconds", "outcome:failure", *ours)
+    # The model's answers: status codes and latency (the failed task never reached the model).
+    assert agent.total("forwarder.model.responses", *ours, "status_code:200") == ok
+    assert len(agent.named("forwarder.model.latency_seconds", *ours, "status_code:200")) == ok
+    # Worker gauges: saturation against the concurrency, and RSS.
+    agent.wait("forwarder.worker.concurrency", 2, "queue:" + queue, timeout=15)
+    assert agent.named("forwarder.worker.rss_bytes", "process:main")[0].value > 10 * 1024 * 1024
+    assert {p.kind for p in agent.named("forwarder.worker.in_flight")} == {"g"}
+
+    assert agent.total("scale_launch.post_inference_hook.callback.success") == 0
+    assert agent.total("scale_launch.async_task.stuck.count", f"queue_name:{queue}") == 1
+    assert agent.total("forwarder.task.succeeded", *ours) == ok  # each counted once
+    assert "Traceback" not in worker.output
+
+
+def _timed_tasks(producer, queue: str, count: int = 12) -> float:
+    started = time.monotonic()
+    results = [send(producer, {"args": {"n": n}}, queue=queue) for n in range(count)]
+    for result in results:
+        assert result.get(timeout=30)["status_code"] == 200
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("pool", ["prefork", "gevent"])
+def test_no_agent_or_a_full_buffer_slows_no_task(pool, start_worker, producer, queue, tmp_path):
+    deaf = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    deaf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    deaf.bind(("127.0.0.1", 0))  # never read: its buffer is full after a few packets
+    deaf_unix = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    deaf_unix.bind(str(tmp_path / "dsd.socket"))  # never read: the senders' sends would block (EAGAIN)
+    try:
+        runs = {
+            "off": {"FORWARDER_METRICS": "0"},
+            "nobody": {"DD_AGENT_HOST": "127.0.0.1", "DD_DOGSTATSD_PORT": str(free_port())},
+            "full_udp": {"DD_AGENT_HOST": "127.0.0.1", "DD_DOGSTATSD_PORT": str(deaf.getsockname()[1])},
+            "full_unix": {"DD_DOGSTATSD_URL": f"unix://{tmp_path / 'dsd.socket'}"},
+        }
+        times = {}
+        for name, env in runs.items():
+            own = f"{queue}-{name}"
+            start_worker(pool, CELERY_QUEUE=own, **env)
+            _timed_tasks(producer, own, 40)  # warm up, and fill the buffers
+            times[name] = _timed_tasks(producer, own)
+        for name in ("nobody", "full_udp", "full_unix"):
+            assert times[name] < times["off"] * 2 + 1, times
+    finally:
+        deaf.close()
+        deaf_unix.close()
