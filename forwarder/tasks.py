@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from billiard.einfo import ExceptionWithTraceback
@@ -22,6 +23,7 @@ from celery.worker.request import Request
 from forwarder import acks, deps
 from forwarder.errors import ForwarderError, MalformedRequest
 from forwarder.extensions.delivery_cap import RECEIVE_COUNT_KEY
+from forwarder.extensions.task_log import note_model_call
 from forwarder.payload import error_payload, format_trace, plan_request, shape_result
 from gateways.errors import GatewayError, release_exception
 
@@ -49,7 +51,13 @@ def exec_func(payload: Any = _NO_REQUEST, arrival_timestamp: Any = None, *ignore
         raise MalformedRequest("the task has no arguments: expected [request, arrival_timestamp, return_pickled]")
     current = deps.current()
     plan = plan_request(payload, current.settings.result_format)
-    answer = current.model.predict(plan.body)
+    status_code = None
+    started = time.monotonic()
+    try:
+        answer = current.model.predict(plan.body)
+        status_code = answer.status_code
+    finally:  # for the task's log line (extensions.task_log), whatever the outcome
+        note_model_call(status_code, time.monotonic() - started)
     return shape_result(answer.body, answer.status_code, plan, max_bytes=current.settings.max_result_bytes)
 
 
