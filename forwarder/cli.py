@@ -18,7 +18,7 @@ from forwarder.errors import ConfigError
 from forwarder.health import add_probe_parser, run_probe
 from forwarder.pool_bootstrap import EXIT_CONFIG
 from forwarder.pools import ensure_open_files
-from forwarder.settings import describe, load_settings
+from forwarder.settings import describe, load_settings, safe_url
 from gateways.model_server import ModelNotReady
 
 EXIT_NOT_READY = 3
@@ -68,28 +68,18 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(f"forwarder: configuration error: CELERY_WORKER_CONCURRENCY={settings.concurrency} {exc}",
               file=sys.stderr)
         return EXIT_CONFIG
-    if raised:
-        print(f"forwarder: {raised}", file=sys.stderr)
     if args.command == "check":
-        print(f"forwarder: configuration OK (pool={settings.pool}, queue={settings.queue}, broker={_safe(settings.broker_url)})")
+        if raised:
+            print(f"forwarder: {raised}", file=sys.stderr)
+        print(f"forwarder: configuration OK (pool={settings.pool}, queue={settings.queue}, broker={safe_url(settings.broker_url)})")
         for warning in settings.warnings:
             print(f"forwarder: warning: {warning}")
         return 0
     try:
         from forwarder.worker import run_worker
 
-        return run_worker(settings)
+        return run_worker(settings, notes=(raised,) if raised else ())  # logged in the chosen format
     except ModelNotReady as exc:
         print(f"forwarder: {exc}", file=sys.stderr)
         return EXIT_NOT_READY
 
-
-def _safe(url: str) -> str:
-    """A URL without its password, for logs."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return parts._replace(netloc=netloc).geturl()
-    return url

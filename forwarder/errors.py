@@ -11,6 +11,15 @@ class ForwarderError(Exception):
     """Root of every error the forwarder raises on purpose."""
 
 
+#: A variable whose name holds one of these words is a secret: its value is never shown.
+SECRET_WORDS = ("PASSWORD", "SECRET", "TOKEN")
+
+
+def is_secret_variable(name: str) -> bool:
+    """Whether the variable ``name`` holds a secret (error messages and the configuration line hide it)."""
+    return any(word in name.upper() for word in SECRET_WORDS)
+
+
 class ConfigError(ForwarderError):
     """An environment variable has an invalid value; the worker must not start."""
 
@@ -18,7 +27,7 @@ class ConfigError(ForwarderError):
         self.variable = variable
         shown = value if len(value) <= 80 else value[:77] + "..."
         # Never echo a secret back: name the variable, and show the value only for non-secrets.
-        if "PASSWORD" in variable or "SECRET" in variable or "TOKEN" in variable:
+        if is_secret_variable(variable):
             shown = "<hidden>"
         super().__init__(f"{variable}={shown!r} {reason}")
 

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from forwarder.endpoint_config import read_endpoint_config
-from forwarder.errors import ConfigError
+from forwarder.errors import ConfigError, is_secret_variable
 from forwarder.health import (
     DEFAULT_HEALTH_DIR,
     DEFAULT_LIVENESS_MAX_AGE,
@@ -30,6 +30,7 @@ from forwarder.pools import PoolSizes, pool_sizes
 from gateways.dogstatsd import parse_url as parse_dogstatsd_url
 
 RESULT_FORMATS = ("wrapped", "raw")
+LOG_FORMATS = ("text", "json")
 HOOK_NAMES = ("callback", "logging")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
@@ -187,6 +188,7 @@ VARS: tuple[Var, ...] = (
     Var("CELERY_SQS_POLLING_INTERVAL", "1", _non_negative_float, "SQS broker: seconds between polls of an empty queue.", "sqs_polling_interval"),
     Var("AWS_REGION", "", _text, "AWS region of the SQS broker and the S3 result bucket (unset: boto3's own chain, AWS_DEFAULT_REGION or the profile's region; boto3 itself ignores AWS_REGION). An AWS SQS queue URL's own region wins for the queue.", "aws_region"),
     Var("CELERY_LOG_LEVEL", "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "Log level of the worker.", "log_level"),
+    Var("FORWARDER_LOG_FORMAT", "text", _choice(*LOG_FORMATS), "Log format: text (one readable line per record, for local runs) or json (one JSON object per line, with dd.trace_id/dd.span_id under ddtrace-run: the production choice).", "log_format"),
     # --- the model server
     Var("FORWARDER_MODEL_URL", "http://localhost:5005/predict", _url("http", "https"), "Where each task's payload is POSTed.", "model_url"),
     Var("FORWARDER_HEALTHCHECK_URL", "http://localhost:5005/readyz", _url("http", "https"), "Model readiness URL; the worker starts consuming once it answers 200.", "healthcheck_url"),
@@ -264,6 +266,7 @@ class Settings:
     sqs_wait_time_seconds: int
     sqs_polling_interval: float
     log_level: str
+    log_format: str
     model_url: str
     healthcheck_url: str
     model_connect_timeout: float
@@ -465,6 +468,50 @@ def apply_endpoint_config(
         merged["callback_username"] = str(auth.get("username") or "")
         merged["callback_password"] = str(auth.get("password") or "")
     return merged, warnings
+
+
+def effective_config(settings: Settings) -> dict[str, str]:
+    """Every variable's value in force (the endpoint config's included), as it would be set, secrets masked.
+
+    A secret variable (``errors.is_secret_variable``) shows ``***`` when set; a URL shows neither its password
+    nor its query (a callback URL may carry a token there).
+    """
+    shown: dict[str, str] = {}
+    for var in VARS:
+        text = _as_env_value(getattr(settings, var.attr))
+        if is_secret_variable(var.name):
+            text = MASK if text else ""
+        elif "://" in text:
+            text = safe_url(text)
+            if urlsplit(text).query:
+                text = urlsplit(text)._replace(query=MASK).geturl()
+        shown[var.name] = text
+    return shown
+
+
+#: What a masked secret shows.
+MASK = "***"
+
+
+def _as_env_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, tuple):
+        return ",".join(str(item) for item in value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True) if value else ""
+    return str(value)
+
+
+def safe_url(url: str) -> str:
+    """A URL without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", f":{MASK}@")
+        return parts._replace(netloc=netloc).geturl()
+    return url
 
 
 def describe() -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from billiard.einfo import ExceptionWithTraceback
@@ -23,6 +24,7 @@ from forwarder import acks, deps, tracing
 from forwarder.errors import ForwarderError, MalformedRequest
 from forwarder.extensions.delivery_cap import RECEIVE_COUNT_KEY
 from forwarder.extensions.metrics import MODEL_ANSWER_KEY
+from forwarder.extensions.task_log import note_model_call
 from forwarder.payload import error_payload, format_trace, plan_request, shape_result
 from gateways.errors import GatewayError, release_exception
 
@@ -53,10 +55,16 @@ def exec_func(payload: Any = _NO_REQUEST, arrival_timestamp: Any = None, *ignore
     task_id = current_task.request.id if current_task else None
     with tracing.step(tracing.PLAN, task_id):
         plan = plan_request(payload, current.settings.result_format)
-    with tracing.step(tracing.MODEL, task_id) as span:
-        answer = current.model.predict(plan.body)
-        tracing.tag(span, **{"http.status_code": answer.status_code, "forwarder.model.answer_bytes": answer.size})
-    note_model_answer(answer.status_code, answer.seconds)
+    status_code = None
+    started = time.monotonic()
+    try:
+        with tracing.step(tracing.MODEL, task_id) as span:
+            answer = current.model.predict(plan.body)
+            status_code = answer.status_code
+            tracing.tag(span, **{"http.status_code": answer.status_code, "forwarder.model.answer_bytes": answer.size})
+        note_model_answer(answer.status_code, answer.seconds)
+    finally:  # for the task's log line (extensions.task_log), whatever the outcome
+        note_model_call(status_code, time.monotonic() - started)
     return shape_result(answer.body, answer.status_code, plan, max_bytes=current.settings.max_result_bytes)
 
 

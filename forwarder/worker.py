@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-import sys
+from collections.abc import Sequence
 from typing import Any
 
 from forwarder import deps
 from forwarder.app import build_app
+from forwarder.extensions.task_log import configure_logging, log_configuration
 from forwarder.settings import Settings
 
 logger = logging.getLogger("forwarder")
@@ -24,6 +25,8 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         # A forwarder needs no cluster chatter: mingle costs ~1 s at start, gossip a steady stream.
         "without_mingle": True,
         "without_gossip": True,
+        # JSON logs: no banner on stdout, every line of output is a JSON record (the config line says it all).
+        "quiet": settings.log_format == "json",
     }
     if settings.pool == "prefork":
         if settings.max_tasks_per_child is not None:
@@ -33,15 +36,18 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-def run_worker(settings: Settings) -> int:
+def run_worker(settings: Settings, notes: Sequence[str] = ()) -> int:
     """Wait for the model, then run the worker until a shutdown signal; returns its exit code.
+
+    ``notes``: what the command line did before logging was set up (an open-file limit raised), logged first.
 
     Raises:
         ModelNotReady: the model server was not ready within FORWARDER_READY_TIMEOUT.
     """
-    logging.basicConfig(
-        level=settings.log_level, stream=sys.stderr, format="[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
-    )
+    configure_logging(settings)  # text or JSON (FORWARDER_LOG_FORMAT); kept through Celery's own setup
+    for note in notes:
+        logger.info(note)
+    log_configuration(settings)
     for warning in settings.warnings:
         logger.warning(warning)
     current = deps.build_deps(settings)

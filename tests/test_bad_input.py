@@ -24,6 +24,7 @@ from tests.support.aws import aws_client
 from tests.support.faults import *  # noqa: F403  (helpers and fixtures)
 from tests.support.faults import (
     POOLS,
+    assert_no_secret,
     model_env,
     read_metas,
     send,
@@ -281,10 +282,7 @@ def test_no_secret_in_logs(pool, spawn, producer, pickle_producer, results, queu
     for task_id in ids[1:4]:
         assert f"hook callback failed for task {task_id}: CallbackError" in output
     assert output.count("callback for task ") == 1 and output.count("hook callback failed") == 3
-    for secret in [*SECRETS.values(), REQUEST_PASSWORD]:
-        assert secret not in output, f"{secret!r} logged:\n" + "\n".join(
-            line for line in output.splitlines() if secret in line
-        )
+    assert_no_secret(output, [*SECRETS.values(), REQUEST_PASSWORD])
 
 
 def test_planted_pickle_really_creates_its_file(tmp_path: Path):

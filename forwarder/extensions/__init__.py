@@ -35,6 +35,7 @@ from forwarder.extensions.redelivery import RedeliverySweep
 from forwarder.extensions.release_exceptions import ReleaseExceptions
 from forwarder.extensions.secret_logs import KeepSecretsOutOfLogs
 from forwarder.extensions.shutdown_handback import HandBackOnShutdown
+from forwarder.extensions.task_log import TaskLog
 from forwarder.extensions.trace_errors import FlagFailuresInTrace
 
 __all__ = ["Extension", "Extensions", "default_extensions"]
@@ -46,6 +47,7 @@ def default_extensions() -> Extensions:
         [
             KeepSecretsOutOfLogs(),  # credential loggers at INFO+, refused messages without contents
             ReleaseExceptions(),  # last word on every task: free the frames its exception holds
+            TaskLog(),  # JSON or text log format; one line per finished task (its clock starts first)
             CloseClients(),  # process stop: close every cached client
             MemoryDebug(),  # FORWARDER_MEMORY_DEBUG: per-process tracing and dumps; else SIGUSR2 ignored
             TaskMetrics(),  # DogStatsD: every attempt (refused ones too), outcomes, hooks, saturation, RSS

@@ -26,6 +26,7 @@ from forwarder.tasks import TASK_NAME
 from tests.support.aws import REGION, aws_client
 
 __all__ = ["POOLS", "FINAL", "send", "read_metas", "wait_final", "wait_error_meta", "statuses", "model_env", "unacked_for",
+           "assert_no_secret",
            "ModelProcess", "results", "broker", "own_model", "model_process", "model_on", "spawn",
            "sqs_queue", "sqs_counts"]
 
@@ -95,6 +96,14 @@ def wait_error_meta(client: redis.Redis, ids: Iterable[str], timeout: float,
 
 def statuses(metas: dict[str, dict[str, Any]]) -> dict[str, str]:
     return {task_id: meta["status"] for task_id, meta in metas.items()}
+
+
+def assert_no_secret(output: str, secrets: Iterable[str]) -> None:
+    """The secret scan: none of ``secrets`` appears in a worker's output (the lines that hold one, if any)."""
+    for secret in secrets:
+        assert secret not in output, f"{secret!r} logged:\n" + "\n".join(
+            line for line in output.splitlines() if secret in line
+        )
 
 
 def model_env(server: ModelServer) -> dict[str, str]:
