@@ -23,8 +23,7 @@ from celery.worker.request import Request
 from forwarder import acks, deps, tracing
 from forwarder.errors import ForwarderError, MalformedRequest
 from forwarder.extensions.delivery_cap import RECEIVE_COUNT_KEY
-from forwarder.extensions.metrics import MODEL_ANSWER_KEY
-from forwarder.extensions.task_log import note_model_call
+from forwarder.model_call import note_model_call
 from forwarder.payload import error_payload, format_trace, plan_request, shape_result
 from gateways.errors import GatewayError, release_exception
 
@@ -62,17 +61,9 @@ def exec_func(payload: Any = _NO_REQUEST, arrival_timestamp: Any = None, *ignore
             answer = current.model.predict(plan.body)
             status_code = answer.status_code
             tracing.tag(span, **{"http.status_code": answer.status_code, "forwarder.model.answer_bytes": answer.size})
-        note_model_answer(answer.status_code, answer.seconds)
-    finally:  # for the task's log line (extensions.task_log), whatever the outcome
+    finally:  # for the task log line and the metrics (forwarder.model_call), whatever the outcome
         note_model_call(status_code, time.monotonic() - started)
     return shape_result(answer.body, answer.status_code, plan, max_bytes=current.settings.max_result_bytes)
-
-
-def note_model_answer(status_code: int, seconds: float) -> None:
-    """Keep the model call's status and duration on the running task's request, for the extensions."""
-    request = getattr(current_task, "request", None)
-    if request is not None:
-        setattr(request, MODEL_ANSWER_KEY, (status_code, seconds))
 
 
 class CheckedRequest(Request):

@@ -54,13 +54,11 @@ class ModelResponseTooLarge(ModelServerError):
 
 @dataclass(frozen=True)
 class ModelAnswer:
-    """The model's JSON answer, its HTTP status, its size in bytes, and the seconds from the POST to the parsed
-    answer."""
+    """The model's JSON answer, its HTTP status and its size in bytes."""
 
     status_code: int
     body: Any
     size: int
-    seconds: float = 0.0
 
 
 def build_session(pool_size: int) -> requests.Session:
@@ -121,7 +119,6 @@ class ModelClient:
         # prepared request (the whole encoded payload) and a JSON error the whole answer, and the task's
         # exception outlives the task in Celery's retry and failure bookkeeping.
         failure: ModelServerError | None = None
-        started = time.monotonic()
         try:
             response = self.session.get().post(
                 self.predict_url, json=payload, headers=headers, timeout=self._timeout, stream=True
@@ -150,7 +147,7 @@ class ModelClient:
             )
         if failure is not None:
             raise failure
-        return ModelAnswer(response.status_code, body, size, time.monotonic() - started)
+        return ModelAnswer(response.status_code, body, size)
 
     def _read_body(self, response: requests.Response) -> bytearray | None:
         """The whole body, or None (the response closed) once it is known to exceed the limit.

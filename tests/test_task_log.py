@@ -20,8 +20,8 @@ from forwarder.extensions.task_log import (
     JsonFormatter,
     error_type,
     log_configuration,
-    note_model_call,
 )
+from forwarder.model_call import note_model_call
 from forwarder.settings import VARS, Settings, effective_config, safe_url
 from forwarder.tasks import TASK_NAME
 from gateways.model_server import ModelConnectionError

@@ -24,6 +24,7 @@ from celery.worker import state as worker_state
 
 from forwarder.extensions.base import Extension
 from forwarder.extensions.delivery_cap import PoisonMessage
+from forwarder.model_call import model_call
 from forwarder.settings import Settings
 from gateways.dogstatsd import Metrics
 
@@ -50,8 +51,6 @@ RSS = PREFIX + "worker.rss_bytes"
 MODEL_RESPONSES = PREFIX + "model.responses"
 MODEL_LATENCY = PREFIX + "model.latency_seconds"
 #: Attribute of the running task's request holding ``(status_code, seconds)`` of its model call
-#: (set by ``tasks.exec_func``).
-MODEL_ANSWER_KEY = "forwarder_model_answer"
 #: Seconds between the gauges.
 GAUGE_INTERVAL = 5.0
 
@@ -133,11 +132,11 @@ class TaskMetrics(Extension):
         if not self.metrics.enabled:
             return
         tags = self._tags(task)
-        answer = getattr(task.request, MODEL_ANSWER_KEY, None)
-        if answer is not None:  # the model answered (any status): its status and how long it took
-            status_tags = [*tags, f"status_code:{answer[0]}"]
+        status, seconds = model_call(task.request)
+        if status is not None and seconds is not None:  # the model answered (any status): status, duration
+            status_tags = [*tags, f"status_code:{status}"]
             self.metrics.increment(MODEL_RESPONSES, tags=status_tags)
-            self.metrics.distribution(MODEL_LATENCY, answer[1], tags=status_tags)
+            self.metrics.distribution(MODEL_LATENCY, seconds, tags=status_tags)
         if state == states.SUCCESS:
             self.metrics.increment(SUCCEEDED, tags=tags)
             outcome = "success"

@@ -11,7 +11,7 @@
   (``settings.effective_config``).
 - One line per finished task, every outcome (SUCCESS, FAILURE, RETRY, REJECTED, IGNORED): task id, name,
   queue, state, the model's status code and duration, the total duration, retries so far and the error's
-  type. The task body notes its model call on the task's own request (``note_model_call``), which Celery
+  type. The task body notes its model call on the task's own request (``forwarder.model_call``), which Celery
   keeps per task (per thread, per greenlet): nothing is shared between tasks in flight. In JSON the line
   carries the task's own ``dd.trace_id``/``dd.span_id``, taken as the task starts: ddtrace finishes the
   task's span in its own ``task_postrun`` receiver, connected before this one.
@@ -30,11 +30,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery, Task, signals
-from celery._state import get_current_task
 from celery.exceptions import Reject, Retry
 from celery.utils.log import get_multiprocessing_logger
 
 from forwarder.extensions.base import Extension
+from forwarder.model_call import model_call
 from forwarder.settings import Settings, effective_config
 
 logger = logging.getLogger("forwarder.tasks")
@@ -54,8 +54,6 @@ DD_IDS = ("dd.trace_id", "dd.span_id")
 #: Per-task attributes on the task's request (``task.request``: one per running task).
 STARTED_KEY = "forwarder_started"
 TRACE_IDS_KEY = "forwarder_trace_ids"
-MODEL_STATUS_KEY = "forwarder_model_status"
-MODEL_SECONDS_KEY = "forwarder_model_seconds"
 
 
 class JsonFormatter(logging.Formatter):
@@ -121,15 +119,6 @@ def log_configuration(settings: Settings) -> None:
         config_logger.info("%s: %s", CONFIG_LINE, " ".join(f"{name}={shlex.quote(value)}" for name, value in config.items()))
 
 
-def note_model_call(status_code: int | None, seconds: float) -> None:
-    """Record the model call of the running task on its request (for its task line); no-op outside a task."""
-    task = get_current_task()
-    request = task.request if task is not None else None
-    if request is not None:
-        setattr(request, MODEL_STATUS_KEY, status_code)
-        setattr(request, MODEL_SECONDS_KEY, seconds)
-
-
 def trace_ids() -> dict[str, str]:
     """The ids ddtrace's log injection would put on a record now (``DD_LOGS_INJECTION``); empty without it.
 
@@ -144,14 +133,14 @@ def task_fields(task: Task, task_id: str, state: str, retval: Any) -> dict[str, 
     """The task line's fields, from the task's request and its outcome."""
     request = task.request
     started = getattr(request, STARTED_KEY, None)
-    model_seconds = getattr(request, MODEL_SECONDS_KEY, None)
+    model_status, model_seconds = model_call(request)
     delivery = getattr(request, "delivery_info", None) or {}
     return {
         "task_id": task_id,
         "task_name": task.name,
         "queue": delivery.get("routing_key") or delivery.get("exchange") or None,
         "state": state,
-        "model_status_code": getattr(request, MODEL_STATUS_KEY, None),
+        "model_status_code": model_status,
         "model_duration_ms": _ms(model_seconds),
         "total_duration_ms": _ms(time.monotonic() - started) if started is not None else None,
         "retries": getattr(request, "retries", 0) or 0,
