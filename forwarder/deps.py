@@ -106,6 +106,11 @@ def logging_hook(settings: Settings) -> LoggingHook:
     )
 
 
+def firehose_gateways(runner: HookRunner) -> list[FirehoseGateway]:
+    """The Firehose gateways behind ``runner``'s hooks (for observers such as the metrics)."""
+    return [hook.gateway for hook in runner.hooks if isinstance(hook, LoggingHook)]
+
+
 def install(deps: Deps) -> None:
     """Make ``deps`` the ones tasks in this process use."""
     global _current

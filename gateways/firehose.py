@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -20,7 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from gateways.aws import StaticCredentials, make_client, new_session
 from gateways.cached_client import CachedClient, ClientUnavailable, Clock, utcnow
-from gateways.errors import GatewayError
+from gateways.errors import GatewayError, release_exception
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,10 @@ logger = logging.getLogger(__name__)
 MAX_RECORD_BYTES = 1000 * 1024
 #: The STS session name, visible in CloudTrail as the role session of every put.
 ROLE_SESSION_NAME = "celery-forwarder-logging"
+#: Events a ``BuildObserver`` hears: a client was built, STS AssumeRole failed, or building failed otherwise.
+CLIENT_BUILT, STS_FAILED, BUILD_FAILED = "client_built", "sts_failed", "build_failed"
+#: ``observer(event, error_type)``: one of the events above, with the error's class name for a failure, else "".
+BuildObserver = Callable[[str, str], None]
 
 
 class FirehosePutError(GatewayError):
@@ -48,20 +53,40 @@ def encode_record(record: dict[str, Any]) -> bytes:
 
 
 def build_firehose_client(
-    role_arn: str, session_duration: int, max_pool_connections: int
+    role_arn: str, session_duration: int, max_pool_connections: int, observer: BuildObserver | None = None
 ) -> tuple[Any, datetime | None]:
     """Build a Firehose client and return it with its credentials' expiry; pure (no shared state).
 
     With ``role_arn``: one ``sts.assume_role`` call, and a client using those temporary credentials;
     the expiry is the aware ``Credentials.Expiration``. Without: the default credential chain (which
-    refreshes itself), and no expiry.
+    refreshes itself), and no expiry. ``observer`` hears the outcome (``CLIENT_BUILT``, ``STS_FAILED``
+    or ``BUILD_FAILED``); it must not raise.
 
     Raises:
         botocore.exceptions.BotoCoreError, ClientError: STS or client construction failed.
     """
+    tell: BuildObserver = observer or (lambda event, error_type: None)
     session = new_session()
-    if not role_arn:
-        return make_client("firehose", session=session, max_pool_connections=max_pool_connections), None
+    credentials, expiry = None, None
+    if role_arn:
+        try:
+            credentials, expiry = _assume_role(session, role_arn, session_duration)
+        except Exception as exc:
+            tell(STS_FAILED, type(exc).__name__)
+            raise
+    try:
+        client = make_client(
+            "firehose", session=session, credentials=credentials, max_pool_connections=max_pool_connections
+        )
+    except Exception as exc:
+        tell(BUILD_FAILED, type(exc).__name__)
+        raise
+    tell(CLIENT_BUILT, "")
+    return client, expiry
+
+
+def _assume_role(session: Any, role_arn: str, session_duration: int) -> tuple[StaticCredentials, datetime]:
+    """One AssumeRole call: the temporary credentials and their aware expiry."""
     sts = make_client("sts", session=session, max_pool_connections=1)
     try:
         answer = sts.assume_role(
@@ -70,11 +95,7 @@ def build_firehose_client(
     finally:
         sts.close()
     creds = answer["Credentials"]
-    credentials = StaticCredentials(creds["AccessKeyId"], creds["SecretAccessKey"], creds["SessionToken"])
-    client = make_client(
-        "firehose", session=session, credentials=credentials, max_pool_connections=max_pool_connections
-    )
-    return client, creds["Expiration"]
+    return StaticCredentials(creds["AccessKeyId"], creds["SecretAccessKey"], creds["SessionToken"]), creds["Expiration"]
 
 
 class FirehoseGateway:
@@ -95,10 +116,12 @@ class FirehoseGateway:
     ) -> None:
         self.stream_name = stream_name
         self.role_arn = role_arn
+        #: Who hears each client build and its failures (``observe``); none by default.
+        self.observers: list[BuildObserver] = []
         #: The process's Firehose client; ``client_cache.builds`` counts builds in this process.
         self.client_cache: CachedClient[Any] = CachedClient(
             "firehose",
-            lambda: build_firehose_client(role_arn, session_duration, max_pool_connections),
+            lambda: build_firehose_client(role_arn, session_duration, max_pool_connections, self._tell),
             leeway=leeway,
             clock=clock,
         )
@@ -126,9 +149,21 @@ class FirehoseGateway:
             raise FirehosePutError(f"put_record to {self.stream_name} answered HTTP {status}")
         logger.debug("firehose record %s put on %s", answer.get("RecordId"), self.stream_name)
 
+    def observe(self, observer: BuildObserver) -> None:
+        """Add an observer of client builds and their failures (metrics); one that raises is logged."""
+        self.observers.append(observer)
+
     def close(self) -> None:
         """Close this process's client (the next put builds a new one)."""
         self.client_cache.close()
+
+    def _tell(self, event: str, error_type: str) -> None:
+        for observer in self.observers:
+            try:
+                observer(event, error_type)
+            except Exception as exc:  # an observer must not change what the gateway does
+                logger.warning("firehose build observer failed: %s: %s", type(exc).__name__, exc)
+                release_exception(exc)
 
     def _client(self) -> Any:
         try:

@@ -16,6 +16,7 @@ import pytest
 
 from tests.support.aws import *  # noqa: F403
 from tests.support.callback import *  # noqa: F403
+from tests.support.dogstatsd import *  # noqa: F403
 from tests.support.faulty_proxy import *  # noqa: F403
 from tests.support.servers import *  # noqa: F403
 from tests.support.trace_agent import *  # noqa: F403

@@ -19,6 +19,7 @@ import pytest
 
 from devtools.servers import ModelServer, free_port, wait_for
 from forwarder.tasks import LEGACY_TASK_NAME, TASK_NAME
+from tests.support.dogstatsd import statsd_env
 from tests.support.faults import *  # noqa: F403  (helpers and fixtures)
 from tests.support.faults import (
     POOLS,
@@ -43,7 +44,9 @@ SUCCEEDED = re.compile(r"Task \S+\[([0-9a-f-]{36})\] succeeded")
 
 
 @pytest.mark.parametrize("pool", POOLS)
-def test_sigkilled_worker_tasks_are_redelivered_and_complete(pool, spawn, producer, results, broker, queue, own_model):
+def test_sigkilled_worker_tasks_are_redelivered_and_complete(
+    pool, spawn, producer, results, broker, queue, own_model, agent
+):
     # Given a worker busy with two slow tasks, and two more tasks waiting in the queue
     own_model.behaviour.delay = 2.0
     env = {**model_env(own_model), "CELERY_BROKER_VISIBILITY_TIMEOUT": str(VISIBILITY)}
@@ -59,7 +62,7 @@ def test_sigkilled_worker_tasks_are_redelivered_and_complete(pool, spawn, produc
     held = unacked_for(broker, queue)
     assert len(held) >= 2, held
     # ... and a replacement starts at once, before their visibility timeout has passed
-    second = spawn(pool, **env)
+    second = spawn(pool, **env, **statsd_env(agent.port))
 
     # Then every task completes: the two killed mid-flight were delivered again once their visibility
     # timeout passed (by the replacement's periodic sweep, forwarder.redelivery), nothing was lost
@@ -68,6 +71,9 @@ def test_sigkilled_worker_tasks_are_redelivered_and_complete(pool, spawn, produc
     seen = own_model.behaviour.requests
     assert sorted(seen[str(n)] for n in range(4)) == [1, 1, 2, 2], seen
     wait_for(lambda: unacked_for(broker, queue) == {}, 10, "every message acknowledged")
+    # ... and the replacement said so: a log line, and the count in its metrics
+    agent.wait("forwarder.broker.restored", len(held), f"queue:{queue}", f"pool:{pool}", "endpoint_id:end-1")
+    assert "unacknowledged message(s) back to the queue" in second.output
 
 
 @pytest.mark.parametrize("pool", POOLS)

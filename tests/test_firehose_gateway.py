@@ -16,7 +16,9 @@ from devtools.servers import free_port
 from forwarder import deps
 from forwarder.settings import Settings
 from gateways.firehose import (
+    CLIENT_BUILT,
     MAX_RECORD_BYTES,
+    STS_FAILED,
     FirehosePutError,
     FirehoseRecordTooLarge,
     FirehoseUnavailable,
@@ -172,3 +174,25 @@ def test_deps_build_the_gateway_from_the_firehose_settings() -> None:
     assert gateway.stream_name == "the-stream" and gateway.role_arn == settings.firehose_role_arn
     assert gateway.client_cache._leeway == timedelta(seconds=120)
     assert gateway.client_cache.builds == 0  # nothing built until the first put
+
+
+def test_the_observer_hears_one_build_and_each_sts_failure(
+    moto_server: str, aws_env: dict[str, str], firehose_stream: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    heard: list[tuple[str, str]] = []
+    gateway = make_gateway(firehose_stream["name"], unique_role_arn())
+    gateway.observe(lambda event, error_type: heard.append((event, error_type)))
+    for index in range(3):
+        gateway.put_record({"n": index})
+    assert heard == [(CLIENT_BUILT, "")]  # one build for three puts
+
+    # STS unreachable: the failed AssumeRole is heard as such, with the error's class name
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", f"http://127.0.0.1:{free_port()}")
+    down = make_gateway(firehose_stream["name"], unique_role_arn())
+    down.observe(lambda event, error_type: heard.append((event, error_type)))
+    down.observe(lambda event, error_type: 1 / 0)  # a broken observer changes nothing
+    with pytest.raises(FirehoseUnavailable, match="EndpointConnectionError"):
+        down.put_record({"n": 0})
+    with pytest.raises(FirehoseUnavailable, match="last build failed"):
+        down.put_record({"n": 1})  # backing off: no second attempt, nothing heard
+    assert heard == [(CLIENT_BUILT, ""), (STS_FAILED, "EndpointConnectionError")]

@@ -1,6 +1,7 @@
 """DogStatsD metrics: the packets a real worker sends under both pools, and that sending never slows a task.
 
-A UDP listener on 127.0.0.1 plays the Datadog agent (``DD_AGENT_HOST``/``DD_DOGSTATSD_PORT``).
+The ``agent`` fixture (tests/support/dogstatsd.py), a UDP listener on 127.0.0.1, plays the Datadog agent
+(``DD_AGENT_HOST``/``DD_DOGSTATSD_PORT``).
 """
 
 from __future__ import annotations
@@ -11,85 +12,23 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from devtools.demo import send
-from devtools.servers import free_port, wait_for
+from devtools.servers import free_port
 from forwarder.callback_hook import CallbackHook
 from forwarder.extensions.metrics import age_seconds, arrival_time
 from forwarder.hooks import HookRunner
 from gateways.dogstatsd import Metrics, parse_url
+from tests.support.aws import unique_role_arn
+from tests.support.dogstatsd import statsd_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SENT = 2  # successful tasks per worker run
-
-
-@dataclass(frozen=True)
-class Packet:
-    name: str
-    value: float
-    kind: str
-    tags: frozenset[str]
-
-    @classmethod
-    def parse(cls, line: str) -> Packet:
-        head, *fields = line.split("|")
-        name, _, value = head.rpartition(":")
-        tags = next((field[1:].split(",") for field in fields[1:] if field.startswith("#")), [])
-        return cls(name, float(value), fields[0], frozenset(tags))
-
-
-class Agent:
-    """A DogStatsD stand-in: every packet received on 127.0.0.1:<port>, parsed."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.packets: list[Packet] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.packets += [Packet.parse(line) for line in data.decode().splitlines() if line]
-
-    def named(self, name: str, *tags: str) -> list[Packet]:
-        return [p for p in list(self.packets) if p.name == name and set(tags) <= p.tags]
-
-    def total(self, name: str, *tags: str) -> float:
-        return sum(p.value for p in self.named(name, *tags))
-
-    def wait(self, name: str, total: float, *tags: str, timeout: float = 20) -> None:
-        wait_for(lambda: self.total(name, *tags) >= total, timeout,
-                 f"{name} {tags} >= {total}; got {sorted({p.name for p in self.packets})}")
-
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        self._thread.join(2)
-
-
-@pytest.fixture
-def agent() -> Iterator[Agent]:
-    listener = Agent()
-    yield listener
-    listener.close()
 
 
 # ----------------------------------------------------------------------------------- unit
@@ -221,16 +160,10 @@ def test_arrival_timestamps():
 # ----------------------------------------------------------------------------------- worker
 
 
-def _statsd_env(port: int) -> dict[str, str]:
-    return {"DD_AGENT_HOST": "127.0.0.1", "DD_DOGSTATSD_PORT": str(port), "DD_ENV": "test",
-            "DD_SERVICE": "forwarder-test", "DD_VERSION": "1.2.3",
-            "FORWARDER_ENDPOINT_ID": "end-1", "FORWARDER_ENDPOINT_NAME": "my-endpoint"}
-
-
 @pytest.mark.parametrize("pool", ["prefork", "gevent"])
 def test_a_worker_sends_llm_engines_metrics_and_its_own(pool, agent, start_worker, producer, queue):
     dead = free_port()
-    env = _statsd_env(agent.port)
+    env = statsd_env(agent.port)
     worker = start_worker(pool, FORWARDER_HOOKS="callback", FORWARDER_CALLBACK_ALLOWED_HOSTS="127.0.0.1",
                           FORWARDER_CALLBACK_RETRIES="1", FORWARDER_CALLBACK_TIMEOUT="2", **env)
     # Retries: a second worker whose model is a closed port, on a queue of its own.
@@ -317,3 +250,28 @@ def test_no_agent_or_a_full_buffer_slows_no_task(pool, start_worker, producer, q
     finally:
         deaf.close()
         deaf_unix.close()
+
+
+@pytest.mark.parametrize("pool", ["prefork", "gevent"])
+def test_firehose_client_builds_and_sts_failures_are_counted(
+    pool, agent, start_worker, producer, queue, moto_server, aws_env, firehose_stream
+):
+    env = {**statsd_env(agent.port), **aws_env, "FORWARDER_HOOKS": "logging", "CELERY_WORKER_CONCURRENCY": "1",
+           "FIREHOSE_STREAM_NAME": firehose_stream["name"], "FIREHOSE_ROLE_ARN": unique_role_arn()}
+    start_worker(pool, **env)
+    down_queue = f"{queue}-sts-down"  # a second worker whose STS is a closed port
+    down = start_worker(pool, CELERY_QUEUE=down_queue, AWS_ENDPOINT_URL_STS=f"http://127.0.0.1:{free_port()}", **env)
+    for name in (queue, down_queue):
+        for result in [send(producer, {"args": {"n": n}}, queue=name) for n in range(3)]:
+            assert result.get(timeout=60)["status_code"] == 200  # a hook failure fails no task
+
+    tags = (f"pool:{pool}", "endpoint_id:end-1")
+    agent.wait("scale_launch.post_inference_hook.logging.success", 3)
+    agent.wait("forwarder.firehose.sts_failed", 1, f"queue:{down_queue}", *tags, "error_type:EndpointConnectionError")
+    # One process each, one build for three puts; the worker whose STS is down never built one
+    assert agent.total("forwarder.firehose.client_built", f"queue:{queue}", *tags) == 1
+    assert agent.total("forwarder.firehose.client_built", f"queue:{down_queue}") == 0
+    # Its backoff spares STS: fewer failed builds than tasks
+    assert agent.total("forwarder.firehose.sts_failed", f"queue:{down_queue}") < 3
+    assert "Traceback" not in down.output
+

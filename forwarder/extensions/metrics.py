@@ -7,6 +7,8 @@ or fails a task (``gateways.dogstatsd``); ``FORWARDER_METRICS=0`` sends nothing.
   refused and retried ones included; stuck: the producer's arrival timestamp is older than
   ``FORWARDER_STUCK_AFTER`` when the task starts), the outcome and the end-to-end latency once it is done.
 - Per hook (``hooks.HookRunner``'s observer): attempt, success (delivered), skipped, failure.
+- Firehose client builds and their failures, STS apart (``FirehoseGateway``'s observer), in the process that
+  builds the client; messages the Redis redelivery sweep handed back (``redelivery.messages_restored``).
 - Every few seconds, on the main process's timer: tasks in flight against the concurrency, and RSS.
 """
 
@@ -24,9 +26,11 @@ from celery.worker import state as worker_state
 
 from forwarder.extensions.base import Extension
 from forwarder.extensions.delivery_cap import PoisonMessage
+from forwarder.extensions.redelivery import messages_restored
 from forwarder.model_call import model_call
 from forwarder.settings import Settings
 from gateways.dogstatsd import Metrics
+from gateways.firehose import BUILD_FAILED, CLIENT_BUILT, STS_FAILED
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +54,10 @@ SATURATION = PREFIX + "worker.saturation"
 RSS = PREFIX + "worker.rss_bytes"
 MODEL_RESPONSES = PREFIX + "model.responses"
 MODEL_LATENCY = PREFIX + "model.latency_seconds"
-#: Attribute of the running task's request holding ``(status_code, seconds)`` of its model call
+FIREHOSE_BUILT = PREFIX + "firehose.client_built"
+FIREHOSE_STS_FAILED = PREFIX + "firehose.sts_failed"
+FIREHOSE_BUILD_FAILED = PREFIX + "firehose.client_build_failed"
+RESTORED = PREFIX + "broker.restored"
 #: Seconds between the gauges.
 GAUGE_INTERVAL = 5.0
 
@@ -107,6 +114,9 @@ class TaskMetrics(Extension):
             runner = None  # extensions installed alone (tests): no hooks to observe
         if runner is not None:
             runner.observe(self.hook_event)
+            for gateway in deps.firehose_gateways(runner):
+                gateway.observe(self.firehose_event)
+        messages_restored.connect(self.restored)
         app.steps["consumer"].add(type("WorkerGauges", (WorkerGauges,), {"extension": self}))
 
     def process_start(self) -> None:
@@ -166,6 +176,19 @@ class TaskMetrics(Extension):
             self.metrics.increment(HOOK_FAILED, tags=[*self._base_tags(), f"hook:{hook}", f"error_type:{error_type}"])
         elif event == "skipped":
             self.metrics.increment(HOOK_SKIPPED, tags=[*self._base_tags(), f"hook:{hook}"])
+
+    def firehose_event(self, event: str, error_type: str) -> None:
+        """``FirehoseGateway``'s observer: a client built, or a failed build (STS apart)."""
+        names = {CLIENT_BUILT: FIREHOSE_BUILT, STS_FAILED: FIREHOSE_STS_FAILED, BUILD_FAILED: FIREHOSE_BUILD_FAILED}
+        tags = self._base_tags()
+        if error_type:
+            tags.append(f"error_type:{error_type}")
+        if event in names:
+            self.metrics.increment(names[event], tags=tags)
+
+    def restored(self, sender: Any = None, count: int = 0, **_: Any) -> None:
+        """``redelivery.messages_restored``: messages the sweep handed back to the queue."""
+        self.metrics.increment(RESTORED, count, tags=self._base_tags())
 
     def gauges(self) -> None:
         """In the main process, every few seconds: saturation and memory."""

@@ -11,7 +11,8 @@ live worker sweeps that bookkeeping (``QoS.restore_visible``). kombu sweeps only
   SIGKILLed worker's messages unacknowledged for good, so a gevent-only fleet lost them.
 
 ``RestoreUnacked`` sweeps on the worker's own timer instead, under both pools, every few seconds
-(a Redis SET NX, ZRANGE and DEL: negligible).
+(a Redis SET NX, ZRANGE and DEL: negligible). Each sweep that hands messages back logs how many and sends
+``messages_restored`` (a Celery signal; the metrics extension counts it).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 from typing import Any
 
 from celery import Celery, bootsteps
+from celery.utils.dispatch import Signal
 
 from forwarder.extensions.base import Extension
 from forwarder.settings import Settings
@@ -30,6 +32,9 @@ logger = logging.getLogger(__name__)
 SWEEP_INTERVAL_MAX = 10.0
 #: Shortest pause between sweeps, in seconds.
 SWEEP_INTERVAL_MIN = 1.0
+
+#: Sent by a sweep that handed messages back to the queue: ``count`` of them, and the ``queues`` consumed.
+messages_restored = Signal(name="forwarder.messages_restored")
 
 
 def sweep_interval(visibility_timeout: float) -> float:
@@ -65,11 +70,40 @@ class RestoreUnacked(bootsteps.StartStopStep):
         if qos is None or not hasattr(qos, "restore_visible"):
             return
         try:
-            # interval=1: scan now, not on every Nth call (kombu's own throttle).
-            qos.restore_visible(num=channel.unacked_restore_limit, interval=1)
+            restored = restore_counted(qos, channel.unacked_restore_limit)
         except Exception as exc:
             logger.warning("restoring unacknowledged messages failed (next try in a few seconds): %s: %s",
                            type(exc).__name__, exc)
+            return
+        if restored:
+            queues = sorted(queue.name for queue in getattr(c.task_consumer, "queues", []) or [])
+            logger.warning("handed %d unacknowledged message(s) back to the queue: their visibility timeout "
+                           "passed (a worker died holding them)", restored)
+            messages_restored.send(sender=self, count=restored, queues=queues)
+
+
+def restore_counted(qos: Any, limit: int | None) -> int:
+    """Run kombu's sweep (``QoS.restore_visible``) once, now, and return how many messages it handed back.
+
+    kombu returns nothing, and calls ``restore_by_tag`` once per message whose visibility timeout passed:
+    that call is counted for the duration of this sweep only (the instance attribute shadows the method and
+    is removed afterwards).
+    """
+    restored = 0
+    restore_by_tag = qos.restore_by_tag
+
+    def counting(tag: Any, client: Any = None, leftmost: bool = False) -> None:
+        nonlocal restored
+        restore_by_tag(tag, client, leftmost)
+        restored += 1
+
+    qos.restore_by_tag = counting
+    try:
+        # interval=1: scan now, not on every Nth call (kombu's own throttle).
+        qos.restore_visible(num=limit, interval=1)
+    finally:
+        del qos.restore_by_tag
+    return restored
 
 
 class RedeliverySweep(Extension):
