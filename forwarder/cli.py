@@ -19,6 +19,7 @@ from forwarder.health import add_probe_parser, run_probe
 from forwarder.pool_bootstrap import EXIT_CONFIG
 from forwarder.pools import ensure_open_files
 from forwarder.settings import describe, load_settings, safe_url
+from forwarder.shutdown_budget import grace_period_parts
 from gateways.model_server import ModelNotReady
 
 EXIT_NOT_READY = 3
@@ -72,6 +73,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if raised:
             print(f"forwarder: {raised}", file=sys.stderr)
         print(f"forwarder: configuration OK (pool={settings.pool}, queue={settings.queue}, broker={safe_url(settings.broker_url)})")
+        parts = grace_period_parts(settings)
+        print(f"forwarder: terminationGracePeriodSeconds >= {sum(parts.values())} "
+              f"({' + '.join(f'{name} {seconds}' for name, seconds in parts.items())})")
         for warning in settings.warnings:
             print(f"forwarder: warning: {warning}")
         return 0

@@ -63,6 +63,8 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 BODY_LIMIT = 64 * 1024
 #: Longest wait between two attempts, in seconds.
 BACKOFF_MAX = 30.0
+#: Seconds before the second attempt (doubling each time).
+BACKOFF_INITIAL = 0.5
 _METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 
 
@@ -325,7 +327,7 @@ class CallbackClient:
         timeout: float,
         attempts: int,
         allowed_hosts: tuple[str, ...],
-        backoff: float = 0.5,
+        backoff: float = BACKOFF_INITIAL,
         pool_size: int = 10,
         verify: bool | str = True,
     ) -> None:
