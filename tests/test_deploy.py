@@ -1,0 +1,350 @@
+"""deploy/: the Kubernetes manifests parse, validate strictly, and keep the rules their comments state.
+
+Offline: Kubernetes' published schemas come with ``kubernetes-validate`` (dev requirements), KEDA's
+ScaledObject schema is kept in deploy/schemas/ with its source and version. Each overlay is rendered the
+way ``kubectl apply -k`` does (its kustomization only lists resources; no patch or generator is allowed, so
+the files are the resources), and compared with ``kubectl kustomize`` when kubectl is on PATH.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import redis
+import yaml
+
+from devtools.demo import send
+from devtools.servers import WorkerProcess
+from forwarder.errors import is_secret_variable
+from forwarder.settings import VARS, Settings
+from forwarder.shutdown_budget import grace_period, grace_period_parts
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+OVERLAYS = ("redis", "sqs")
+#: The Kubernetes version the manifests are written for (native sidecars are GA there), and the range checked.
+KUBERNETES = "1.33.0"
+KUBERNETES_CHECKED = ("1.30.0", KUBERNETES, "1.37.0")
+KEDA_SCHEMA = DEPLOY / "schemas" / "keda-scaledobject-v2.7.1.yaml"
+#: Variables in the ConfigMaps and Secrets that KEDA reads and the worker does not.
+KEDA_ONLY = {"REDIS_ADDRESS", "REDIS_PASSWORD"}
+#: The payload allowance per in-flight task in the memory rules (deployment.yaml), MiB.
+PAYLOAD_MIB = 8
+SIZING = ROOT / "bench" / "results" / "sizing.json"
+
+
+# ------------------------------------------------------------------------------------------ rendering
+
+
+def render(folder: Path) -> list[dict[str, Any]]:
+    """The resources ``kubectl apply -k folder`` creates: every listed file's documents, bases first."""
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    assert set(kustomization) <= {"apiVersion", "kind", "resources"}, f"{folder}: only `resources` is allowed"
+    docs: list[dict[str, Any]] = []
+    for entry in kustomization["resources"]:
+        path = (folder / entry).resolve()
+        docs += render(path) if path.is_dir() else [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    (doc,) = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    return doc
+
+
+def container(docs: list[dict[str, Any]], name: str = "forwarder") -> dict[str, Any]:
+    spec = find(docs, "Deployment")["spec"]["template"]["spec"]
+    (found,) = [c for c in spec["containers"] + spec.get("initContainers", []) if c["name"] == name]
+    return found
+
+
+def worker_env(overlay: str) -> dict[str, str]:
+    """What the worker container's envFrom gives it: both ConfigMaps, and the example Secrets' values."""
+    docs = render(DEPLOY / overlay)
+    env = {**find(docs, "ConfigMap", "forwarder-config")["data"], **find(docs, "ConfigMap", "forwarder-broker")["data"]}
+    for example in (DEPLOY / "base" / "secret.example.yaml", DEPLOY / overlay / "secret.example.yaml"):
+        if example.exists():
+            env.update(yaml.safe_load(example.read_text())["stringData"])
+    return env
+
+
+def check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``python -m forwarder check`` with only ``env`` (and PATH), as the container would run it."""
+    return subprocess.run([sys.executable, "-m", "forwarder", "check"], cwd=ROOT, capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), **env}, timeout=60)
+
+
+def grace_needed(overlay: str) -> int:
+    done = check(worker_env(overlay))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return int(re.search(r"terminationGracePeriodSeconds >= (\d+)", done.stdout).group(1))  # type: ignore[union-attr]
+
+
+def mib(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+# ------------------------------------------------------------------------------------------ parsing, schemas
+
+
+def test_every_manifest_parses_and_each_overlay_renders_as_kubectl_does() -> None:
+    files = sorted(DEPLOY.rglob("*.yaml"))
+    assert len(files) >= 12
+    for path in files:
+        assert all(isinstance(d, dict) for d in yaml.safe_load_all(path.read_text()) if d is not None), path
+    for overlay in OVERLAYS:
+        kinds = sorted(d["kind"] for d in render(DEPLOY / overlay))
+        assert kinds == ["ConfigMap", "ConfigMap", "Deployment", "PodDisruptionBudget", "ScaledObject",
+                         "ServiceAccount"], kinds
+        if shutil.which("kubectl"):  # the real renderer agrees (not needed: kustomizations only list files)
+            done = subprocess.run(["kubectl", "kustomize", str(DEPLOY / overlay)], capture_output=True, text=True,
+                                  timeout=60)
+            assert done.returncode == 0, done.stderr
+            key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
+            assert sorted(yaml.safe_load_all(done.stdout), key=key) == sorted(render(DEPLOY / overlay), key=key)
+
+
+def core_resources() -> list[tuple[str, dict[str, Any]]]:
+    docs = [(overlay, d) for overlay in OVERLAYS for d in render(DEPLOY / overlay) if d["kind"] != "ScaledObject"]
+    return docs + [(str(p.relative_to(DEPLOY)), yaml.safe_load(p.read_text())) for p in DEPLOY.rglob("secret.example.yaml")]
+
+
+@pytest.mark.parametrize("version", KUBERNETES_CHECKED)
+def test_core_resources_validate_strictly_against_kubernetes_schemas(version: str) -> None:
+    for origin, doc in core_resources():
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{origin} {doc['kind']}/{doc['metadata']['name']} on Kubernetes {version}: {exc.message}")
+
+
+def test_the_kubernetes_validation_is_strict() -> None:
+    deployment = copy.deepcopy(find(render(DEPLOY / "redis"), "Deployment"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenessprobe"] = {}  # a misspelt field
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES, strict=True)
+
+
+def keda_validator() -> jsonschema.Validator:
+    """KEDA's ScaledObject schema, strict: an object without ``additionalProperties`` takes no unknown field
+    (what ``kubectl apply --validate=strict`` does with a CRD's structural schema)."""
+    schema = yaml.safe_load(KEDA_SCHEMA.read_text())["openAPIV3Schema"]
+
+    def strict(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node and "additionalProperties" not in node:
+                node["additionalProperties"] = False
+            for value in node.values():
+                strict(value)
+        elif isinstance(node, list):
+            for value in node:
+                strict(value)
+
+    strict(schema)
+    return jsonschema.Draft7Validator(schema, format_checker=None)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_scaled_objects_validate_against_kedas_schema(overlay: str) -> None:
+    scaled = find(render(DEPLOY / overlay), "ScaledObject")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in keda_validator().iter_errors(scaled)]
+    assert errors == []
+    typo = copy.deepcopy(scaled)
+    typo["spec"]["pollingIntervall"] = 15
+    assert list(keda_validator().iter_errors(typo)), "the KEDA validation must refuse an unknown field"
+
+
+# ------------------------------------------------------------------------------------------ env, probes, secrets
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_configmaps_env_passes_the_workers_check(overlay: str) -> None:
+    env = worker_env(overlay)
+    known = {var.name for var in VARS}
+    assert set(env) - known - KEDA_ONLY == set(), "a variable the worker does not know (a typo?)"
+    done = check(env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "configuration OK (pool=prefork, queue=launch-endpoint-id-example" in done.stdout
+    # Each variable set for the worker is the one the container's env names (none shadowed by another source)
+    envs = [e["name"] for e in container(render(DEPLOY / overlay))["env"]]
+    assert not set(envs) & set(env)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_probe_commands_exist(overlay: str) -> None:
+    forwarder = container(render(DEPLOY / overlay))
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        command = forwarder[probe]["exec"]["command"]
+        assert command[:4] == ["python", "-m", "forwarder", "probe"] and command[4] in ("live", "ready"), command
+        done = subprocess.run([sys.executable, *command[1:], "--help"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0 and "usage" in done.stdout, done.stderr
+
+
+def test_nothing_secret_in_a_configmap() -> None:
+    for overlay in OVERLAYS:
+        for doc in render(DEPLOY / overlay):
+            if doc["kind"] != "ConfigMap":
+                continue
+            for name, value in doc["data"].items():
+                assert not is_secret_variable(name) or name in KEDA_ONLY - {"REDIS_PASSWORD"}, name
+                assert "@" not in value or not re.match(r"\w+://[^/]*:[^/]*@", value), f"{name} holds a password"
+        # Each Secret the pod reads is optional or created by the team, never shipped with values
+        assert all(d["kind"] != "Secret" for d in render(DEPLOY / overlay))
+    redis_secret = yaml.safe_load((DEPLOY / "redis" / "secret.example.yaml").read_text())["stringData"]
+    assert {"CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "REDIS_PASSWORD"} <= set(redis_secret)
+
+
+# ------------------------------------------------------------------------------------------ the stated rules
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_shutdown_and_scale_down_wait_for_the_longest_task(overlay: str) -> None:
+    docs = render(DEPLOY / overlay)
+    needed = grace_needed(overlay)
+    pod = find(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] >= needed
+    scaled = find(docs, "ScaledObject")["spec"]
+    assert scaled["cooldownPeriod"] >= needed  # scale to zero after any task taken before the queue emptied
+    down = scaled["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    assert needed <= down["stabilizationWindowSeconds"] <= 3600
+    env = worker_env(overlay)
+    if overlay == "redis":  # a message whose worker died comes back only after the longest task
+        assert int(env["CELERY_BROKER_VISIBILITY_TIMEOUT"]) > needed
+    # The startup probe outlasts the wait for the model and the worker's own start
+    startup = container(docs)["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= float(env["FORWARDER_READY_TIMEOUT"]) + 30
+    # The model outlives the worker: a native sidecar, stopped after the worker's warm shutdown
+    assert container(docs, "model")["restartPolicy"] == "Always"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_keda_targets_follow_the_concurrency_and_the_queue(overlay: str) -> None:
+    docs = render(DEPLOY / overlay)
+    env = worker_env(overlay)
+    (trigger,) = find(docs, "ScaledObject")["spec"]["triggers"]
+    target = trigger["metadata"]["listLength" if overlay == "redis" else "queueLength"]
+    assert int(target) == int(env["CELERY_WORKER_CONCURRENCY"])
+    if overlay == "redis":
+        assert trigger["metadata"]["listName"] == env["CELERY_QUEUE"]
+        assert trigger["metadata"]["databaseIndex"] == env["CELERY_BROKER_URL"].rsplit("/", 1)[1]
+        assert {"REDIS_ADDRESS", "REDIS_PASSWORD"} <= set(env)
+    else:
+        assert trigger["metadata"]["scaleOnInFlight"] == "true"  # the busy replicas are counted
+        assert trigger["metadata"]["queueURLFromEnv"] in env
+        assert trigger["metadata"]["awsRegion"] == env["AWS_REGION"]
+
+
+def test_memory_follows_the_measured_figures() -> None:
+    figures = json.loads(SIZING.read_text())["figures"]
+    pss, rss = figures["pss_mb"], figures["rss_mb"]
+    env = worker_env("redis")
+    assert env["CELERY_WORKER_POOL"] == "prefork"
+    concurrency = int(env["CELERY_WORKER_CONCURRENCY"])
+    per_child_limit = int(env["CELERY_WORKER_MAX_MEMORY_PER_CHILD"]) / 1024  # KiB -> MiB
+    resources = container(render(DEPLOY / "redis"))["resources"]
+    request, limit = mib(resources["requests"]["memory"]), mib(resources["limits"]["memory"])
+    steady = pss["prefork_main"] + concurrency * pss["prefork_child"]
+    assert request >= 1.25 * steady + concurrency * PAYLOAD_MIB, (request, steady)
+    assert per_child_limit >= 2 * figures["child_rss_max_mb"], "children would be recycled after nearly every task"
+    assert limit >= rss["prefork_main"] + concurrency * (per_child_limit + PAYLOAD_MIB), (limit, per_child_limit)
+    assert request <= limit
+
+
+def test_the_pod_runs_as_the_images_user_on_a_read_only_root() -> None:
+    uid = int(re.search(r"useradd .*--uid (\d+)", (ROOT / "Dockerfile").read_text()).group(1))  # type: ignore[union-attr]
+    docs = render(DEPLOY / "redis")
+    pod = find(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == uid
+    forwarder = container(docs)
+    assert forwarder["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"] for m in forwarder["volumeMounts"]}
+    assert Path(worker_env("redis")["FORWARDER_HEALTH_DIR"]).parent.as_posix() in mounts  # the probes' files
+    assert "/dev/shm" in mounts  # prefork's semaphores
+
+
+# ------------------------------------------------------------------------------------------ KEDA's Redis list
+
+
+def test_the_redis_list_keda_reads_is_the_one_the_queue_fills(redis_server: Any, producer: Any) -> None:
+    # Given the ScaledObject's list and database, and tasks queued the way producers queue them, no worker running
+    metadata = find(render(DEPLOY / "redis"), "ScaledObject")["spec"]["triggers"][0]["metadata"]
+    list_name, db = metadata["listName"], int(metadata["databaseIndex"])
+    assert producer.conf.broker_url.endswith(f"/{db}")
+    for n in range(7):
+        send(producer, {"args": {"n": n}}, queue=worker_env("redis")["CELERY_QUEUE"])
+    # Then the length KEDA's redis trigger reads (LLEN listName on that database) counts every one of them
+    client = redis.Redis.from_url(f"{redis_server.url}/{db}")
+    try:
+        assert client.type(list_name) == b"list"
+        assert client.llen(list_name) == 7
+    finally:
+        client.delete(list_name)
+        client.close()
+
+
+def test_the_grace_period_counts_each_part_of_a_warm_shutdown() -> None:
+    base = {"FORWARDER_MODEL_CONNECT_TIMEOUT": "5", "FORWARDER_MODEL_READ_TIMEOUT": "600"}
+    assert grace_period_parts(Settings.from_env(base)) == {"model": 605, "result_store": 30, "margin": 50}
+    hooked = Settings.from_env({**base, "FORWARDER_HOOKS": "callback,logging", "FIREHOSE_STREAM_NAME": "s",
+                                "FORWARDER_CALLBACK_RETRIES": "4", "FORWARDER_CALLBACK_TIMEOUT": "10"})
+    # Four attempts of 10 s, and 0.5 + 1 + 2 s of backoff between them
+    assert grace_period_parts(hooked) == {"model": 605, "result_store": 30, "callback": 44, "logging": 15, "margin": 50}
+    assert grace_period(hooked) == 744
+
+
+# ------------------------------------------------------------------------------------------ read-only root
+
+#: Runs the rest of the command line with the root filesystem read-only in a mount namespace of its own, /tmp
+#: still writable (the pod's emptyDir) and /dev/shm as it is (its own tmpfs, as in a pod).
+READ_ONLY_ROOT = ["unshare", "--mount", "sh", "-c",
+                  'mount --make-rprivate / && mount --bind /tmp /tmp && mount -o remount,bind,ro / && exec "$@"', "sh"]
+
+
+def read_only_root_available() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    done = subprocess.run([*READ_ONLY_ROOT, "true"], capture_output=True, timeout=30)
+    return done.returncode == 0
+
+
+class ReadOnlyRootWorker(WorkerProcess):
+    """The worker as deployment.yaml runs it: ``readOnlyRootFilesystem`` with /tmp and /dev/shm writable."""
+
+    def command(self) -> list[str]:
+        return [*READ_ONLY_ROOT, *super().command()]
+
+
+@pytest.mark.parametrize("pool", ["prefork", "gevent"])
+def test_the_worker_needs_only_tmp_and_dev_shm_writable(pool: str, base_env: dict[str, str], producer: Any) -> None:
+    if not read_only_root_available():
+        pytest.skip("needs a mount namespace (root, or unprivileged user namespaces) to make the root read-only")
+    # The wrapper really makes the root read-only: writing next to the code fails under it
+    refused = subprocess.run([*READ_ONLY_ROOT, "touch", str(ROOT / "written-on-a-read-only-root")],
+                             capture_output=True, text=True, timeout=30)
+    assert refused.returncode != 0 and "Read-only file system" in refused.stderr
+    worker = ReadOnlyRootWorker({**base_env, "CELERY_WORKER_POOL": pool}, ddtrace=True)
+    try:
+        worker.start(timeout=90)
+        results = [send(producer, {"args": {"n": n}}, queue=base_env["CELERY_QUEUE"]) for n in range(6)]
+        assert [r.get(timeout=30)["status_code"] for r in results] == [200] * 6
+        for which in ("live", "ready"):  # the probes read what the worker wrote under /tmp
+            done = subprocess.run([sys.executable, "-m", "forwarder", "probe", which], cwd=ROOT, timeout=30,
+                                  env={**os.environ, **worker.env}, capture_output=True, text=True)
+            assert done.returncode == 0, done.stdout + done.stderr
+    finally:
+        worker.stop(timeout=30)
+    assert "Read-only file system" not in worker.output and "Traceback" not in worker.output, worker.output[-3000:]
