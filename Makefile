@@ -40,7 +40,7 @@ soak: $(STAMP)  ## the 20,000-task memory soak with its negative controls, 11-25
 scale: $(STAMP)  ## gevent at concurrency 32-1024 against a 1 s model (prefork 32/64 for memory), ~5 min
 	$(PY) -m bench.run --only scale $(BENCH_ARGS)
 
-sizing: $(STAMP)  ## what a pod needs: memory (MiB) and start-up, prefork/gevent, with and without ddtrace-run, ~3-6 min
+sizing: $(STAMP)  ## what a pod needs: memory (MiB) and start-up, prefork/gevent, with and without ddtrace-run, ~2-4 min
 	$(PY) -m bench.run --only sizing $(BENCH_ARGS)
 
 clean:  ## remove the virtualenv and caches

@@ -52,7 +52,7 @@ from bench.measure import ROOT, machine, measure, slope_per_1000
 from bench.plots import plot
 from bench.report import summary
 from bench.servers import ROLE_ARN, Stack
-from bench.sizing import MIB, figures, footprint, medians
+from bench.sizing import MIB, ddtrace_extra, figures, footprint, medians
 from bench.workers import JEMALLOC, OVERHEAD_PROGRAMS, Variant
 
 RESULTS = ROOT / "bench" / "results"
@@ -290,7 +290,7 @@ def run_sizing(stack: Stack, plan: Plan) -> dict[str, Any]:
     ready_at = {"prefork": max(plan.sizing_prefork), "gevent": plan.sizing_gevent[min(1, len(plan.sizing_gevent) - 1)]}
     return {
         "figures": figures(groups, ready_at),
-        "measurements": {"groups": groups, "rows": rows},
+        "measurements": {"groups": groups, "ddtrace_extra": ddtrace_extra(groups), "rows": rows},
         "meta": {
             "units": f"MiB ({MIB} bytes) for every memory figure, although the keys say _mb; seconds for ready times",
             "figures": "pss_mb/rss_mb fits under ddtrace-run (the production launch): prefork total = prefork_main + "

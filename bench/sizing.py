@@ -104,6 +104,17 @@ def medians(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def ddtrace_extra(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per configuration: what ddtrace-run adds to the memory sums, in total and per process."""
+    plain = {(g["pool"], g["concurrency"]): g for g in groups if not g["ddtrace"]}
+    return [
+        {"pool": on["pool"], "concurrency": on["concurrency"], "processes": on["processes"],
+         **{f"{m}_mib": on[f"{m}_mib"] - off[f"{m}_mib"] for m in MEASURES},
+         **{f"{m}_mib_per_process": (on[f"{m}_mib"] - off[f"{m}_mib"]) / on["processes"] for m in MEASURES}}
+        for on in groups if on["ddtrace"] and (off := plain.get((on["pool"], on["concurrency"])))
+    ]
+
+
 def figures(groups: list[dict[str, Any]], ready_at: dict[str, int]) -> dict[str, Any]:
     """The fits: prefork main + per child, gevent base + per slot (under ddtrace-run), ddtrace-run per process.
 
@@ -118,8 +129,7 @@ def figures(groups: list[dict[str, Any]], ready_at: dict[str, int]) -> dict[str,
         key = f"{measure}_mib"
         pre_main, pre_child = line([g["concurrency"] for g in pick("prefork", True)], [g[key] for g in pick("prefork", True)])
         gev_base, gev_slot = line([g["concurrency"] for g in pick("gevent", True)], [g[key] for g in pick("gevent", True)])
-        pairs = [(on["processes"], on[key] - off[key]) for on in groups if on["ddtrace"]
-                 for off in groups if not off["ddtrace"] and (off["pool"], off["concurrency"]) == (on["pool"], on["concurrency"])]
+        pairs = [(e["processes"], e[key]) for e in ddtrace_extra(groups)]
         per_process = sum(n * extra for n, extra in pairs) / sum(n * n for n, _ in pairs)
         out[f"{measure}_mb"] = {"prefork_main": pre_main, "prefork_child": pre_child, "gevent_base": gev_base,
                                 "gevent_slot": gev_slot, "ddtrace_per_process": per_process}
