@@ -325,6 +325,7 @@ class Simulation:
             now, _, kind, data = heapq.heappop(self.events)
             self.end = now
             if now > self.load.horizon_s or (kind == "sample" and self.settled(now)):
+                self.record(now)  # the end state, so the curves end where the run did
                 break
             getattr(self, f"on_{kind}")(now, data)
         return self.summary()
@@ -365,15 +366,19 @@ class Simulation:
         self.start_tasks(now, replica)
 
     def on_sample(self, now: float, _: Any) -> None:
+        self.record(now)
+        if self.list_empty_at is None and not self.queue and self.done > 0 and now >= self.load.duration_s:
+            self.list_empty_at = now
+        self.at(now + 1.0, "sample")
+
+    def record(self, now: float) -> None:
+        """One point of the series, and of the in-flight history the lagged gauge reads."""
         running = sum(r.running for r in self.replicas)
         self.history.append((now, running))
         pods = [r for r in self.replicas if r.removed is None]
         for key, value in (("t", now), ("replicas", len(pods)), ("ready", sum(r.ready and not r.terminating for r in pods)),
                            ("list", len(self.queue)), ("held", sum(r.held for r in pods)), ("running", running)):
             self.series[key].append(value)
-        if self.list_empty_at is None and not self.queue and self.done > 0 and now >= self.load.duration_s:
-            self.list_empty_at = now
-        self.at(now + 1.0, "sample")
 
     def on_poll(self, now: float, _: Any) -> None:
         """KEDA's own loop: activation from 0 and, after the cooldown, back to 0 (only with min_replicas 0)."""
