@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help demo demo-gevent test test-fast lint lock bench soak scale clean
+.PHONY: help demo demo-gevent test test-fast lint lock bench soak scale sizing capacity clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
@@ -39,6 +39,12 @@ soak: $(STAMP)  ## the 20,000-task memory soak with its negative controls, 11-25
 
 scale: $(STAMP)  ## gevent at concurrency 32-1024 against a 1 s model (prefork 32/64 for memory), ~5 min
 	$(PY) -m bench.run --only scale $(BENCH_ARGS)
+
+sizing: $(STAMP)  ## what a pod needs: memory (MiB) and start-up, prefork/gevent, with and without ddtrace-run, ~2-4 min
+	$(PY) -m bench.run --only sizing $(BENCH_ARGS)
+
+capacity: $(STAMP)  ## simulate KEDA scaling on queue depth (a burst, a steady load), seconds; --plan: bench/capacity.py
+	$(PY) -m bench.capacity $(CAPACITY_ARGS)
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .ruff_cache .pytest_cache .mypy_cache

@@ -99,7 +99,7 @@ def measure(
     queue = f"bench-{uuid.uuid4().hex[:10]}"
     send_rate = queue_tasks(stack, queue, tasks)
     completions = Completions(f"{stack.redis.url}/1")
-    worker = BenchWorker(worker_environment(stack, variant, queue, model_url), variant.program)
+    worker = BenchWorker(worker_environment(stack, variant, queue, model_url), variant.program, ddtrace=variant.ddtrace)
     callbacks_before = stack.callbacks_received()
     load_before = os.getloadavg()[0]
     started = time.monotonic()

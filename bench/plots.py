@@ -73,6 +73,8 @@ def plot(section: str, data: dict[str, Any], path: Path) -> None:
                     yscale="log")
         for ax in axes:
             ax.legend(fontsize=8)
+    elif section == "sizing":
+        fig = _sizing(plt, data)
     else:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         for row in data["rows"]:
@@ -91,3 +93,28 @@ def plot(section: str, data: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _sizing(plt: Any, data: dict[str, Any]) -> Any:
+    """Memory sums against concurrency per pool, with and without ddtrace-run, the fit lines; ready times."""
+    groups, fits = data["measurements"]["groups"], data["figures"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), gridspec_kw={"width_ratios": [2, 2, 1.3]})
+    for ax, pool, (base, per) in ((axes[0], "prefork", ("prefork_main", "prefork_child")),
+                                  (axes[1], "gevent", ("gevent_base", "gevent_slot"))):
+        for j, measure in enumerate(("pss", "rss")):
+            for ddtrace, style in ((True, "o-"), (False, "s--")):
+                rows = [g for g in groups if g["pool"] == pool and g["ddtrace"] == ddtrace]
+                ax.plot([g["concurrency"] for g in rows], [g[f"{measure}_mib"] for g in rows], style, color=f"C{j}",
+                        alpha=1 if ddtrace else 0.55,
+                        label=f"{measure.upper()}{' ddtrace-run' if ddtrace else ' plain'}")
+            fit = fits[f"{measure}_mb"]
+            xs = [0, max(g["concurrency"] for g in groups if g["pool"] == pool)]
+            ax.plot(xs, [fit[base] + x * fit[per] for x in xs], ":", color=f"C{j}", lw=1,
+                    label=f"fit {measure.upper()}: {fit[base]:.1f} + {fit[per]:.2f} x concurrency")
+        ax.set(title=f"{pool}: memory after warm-up, summed over processes", xlabel="concurrency", ylabel="MiB")
+        ax.legend(fontsize=7)
+    labels = [f"{g['pool']} {g['concurrency']}\n{'ddtrace' if g['ddtrace'] else 'plain'}" for g in groups]
+    axes[2].barh(range(len(groups)), [g["ready_s"] for g in groups], color=["C2" if g["ddtrace"] else "C7" for g in groups])
+    axes[2].set(title="launch to ready line (median)", xlabel="seconds", yticks=list(range(len(groups))))
+    axes[2].set_yticklabels(labels, fontsize=7)
+    return fig

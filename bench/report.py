@@ -79,4 +79,28 @@ def summary(sections: dict[str, dict[str, Any]]) -> str:
             lines.append(f"\nModel alone: {alone['connections']} keep-alive connections, {alone['delay_s']:g} s: "
                          f"{alone['requests_per_s']:.0f} requests/s ({alone['ratio_of_limit']:.3f} of the limit).")
         lines.append("")
+    if "sizing" in sections:
+        lines += _sizing(sections["sizing"])
     return "\n".join(lines)
+
+
+def _sizing(data: dict[str, Any]) -> list[str]:
+    fits = data["figures"]
+    lines = [f"### sizing (MiB; after a warm-up against a {data['meta']['model_delay_s'] * 1e3:.0f} ms model; "
+             f"medians of {max(g['reps'] for g in data['measurements']['groups'])})", "",
+             "| pool | concurrency | ddtrace-run | processes | RSS MiB | USS MiB | PSS MiB | largest child RSS MiB "
+             "| launch to ready s |", "|---|---|---|---|---|---|---|---|---|"]
+    for g in data["measurements"]["groups"]:
+        child = f"{g['child_rss_max_mib']:.1f}" if g["child_rss_max_mib"] else "-"
+        lines.append(f"| {g['pool']} | {g['concurrency']} | {'yes' if g['ddtrace'] else 'no'} | {g['processes']} "
+                     f"| {g['rss_mib']:.1f} | {g['uss_mib']:.1f} | {g['pss_mib']:.1f} | {child} | {g['ready_s']:.2f} |")
+    lines += ["", "| fit (under ddtrace-run), MiB | prefork main | prefork per child | gevent base | gevent per slot "
+              "| ddtrace-run per process |", "|---|---|---|---|---|---|"]
+    for measure in ("pss", "rss"):
+        f = fits[f"{measure}_mb"]
+        lines.append(f"| {measure.upper()} | {f['prefork_main']:.1f} | {f['prefork_child']:.1f} | {f['gevent_base']:.1f} "
+                     f"| {f['gevent_slot']:.3f} | {f['ddtrace_per_process']:.1f} |")
+    lines += ["", f"Largest prefork child RSS (ddtrace-run): {fits['child_rss_max_mb']:.1f} MiB. Launch to ready line "
+              f"(ddtrace-run, median): prefork {fits['ready_seconds']['prefork']:.2f} s, "
+              f"gevent {fits['ready_seconds']['gevent']:.2f} s.", ""]
+    return lines

@@ -17,6 +17,10 @@ Sections (side by side in the same run, reported as ratios):
   concurrency tasks each, prefork at 32 and 64 as the memory reference: throughput against the physical
   limit (concurrency / latency), RSS and USS, CPU per 1,000 tasks, requests the model saw twice, ack and
   pool errors in the log; the model is first measured alone with as many connections.
+- sizing: what a pod needs: prefork at concurrency 1, 2, 4 and gevent at 1, 64, 256, each under ddtrace-run
+  (the production launch, tracing on) and without, after a warm-up against a 100 ms model: memory in MiB (RSS,
+  USS, PSS summed over the processes, each prefork child's RSS) and the time from launch to the ready line,
+  3 repetitions, medians; fits per pool and ddtrace-run's cost per process (``bench.sizing``).
 - soak: 20,000 tasks with the callback and logging hooks on, per pool; worker RSS sampled as tasks
   complete, slope in MB per 1,000 tasks after the first 2,000. Negative control: ``bench.leaky_worker``
   (a Firehose client built per put). Also prefork with MALLOC_ARENA_MAX=2 and with jemalloc.
@@ -48,10 +52,11 @@ from bench.measure import ROOT, machine, measure, slope_per_1000
 from bench.plots import plot
 from bench.report import summary
 from bench.servers import ROLE_ARN, Stack
+from bench.sizing import MIB, ddtrace_extra, figures, footprint, medians
 from bench.workers import JEMALLOC, OVERHEAD_PROGRAMS, Variant
 
 RESULTS = ROOT / "bench" / "results"
-SECTIONS = ("pools", "overhead", "soak", "scale")
+SECTIONS = ("pools", "overhead", "soak", "scale", "sizing")
 
 
 @dataclass(frozen=True)
@@ -76,12 +81,19 @@ class Plan:
                                                   (1024, 5.0))  # (concurrency, model seconds)
     scale_prefork: tuple[int, ...] = (32, 64)  # the memory reference
     scale_waves: int = 4  # tasks = waves x concurrency
+    sizing_prefork: tuple[int, ...] = (1, 2, 4)
+    sizing_gevent: tuple[int, ...] = (1, 64, 256)
+    sizing_reps: int = 3
+    sizing_model_delay: float = 0.1
+    sizing_waves: int = 4  # warm-up tasks = max(sizing_min_tasks, waves x concurrency)
+    sizing_min_tasks: int = 20
 
 
 QUICK = Plan(
     pool_concurrency=(4, 32), pool_seconds=3.0, overhead_tasks=250, overhead_reps=1, soak_tasks=800,
     soak_warmup=200, soak_sample_every=50, leaky_tasks=200, leaky_retained_tasks=100,
-    scale_gevent=((32, 1.0), (256, 1.0)), scale_prefork=(32,),
+    scale_gevent=((32, 1.0), (256, 1.0)), scale_prefork=(32,), sizing_prefork=(1, 4), sizing_gevent=(1, 64),
+    sizing_reps=1,
 )
 
 
@@ -252,18 +264,60 @@ def run_scale(stack: Stack, plan: Plan) -> dict[str, Any]:
             "target": "at 1,024 in flight: >= 0.9 of the physical limit, under 150 MB, each request seen once"}
 
 
+def run_sizing(stack: Stack, plan: Plan) -> dict[str, Any]:
+    """Memory and start-up per configuration, with and without ddtrace-run, interleaved and rotated per repetition."""
+    configs = [("prefork", c) for c in plan.sizing_prefork] + [("gevent", c) for c in plan.sizing_gevent]
+    model = stack.async_model(plan.sizing_model_delay)
+    rows = []
+    try:
+        for rep in range(plan.sizing_reps):
+            for pool, concurrency in configs:
+                for ddtrace in (True, False) if rep % 2 == 0 else (False, True):
+                    label = f"{pool}-{concurrency}{'-ddtrace' if ddtrace else ''}"
+                    # MALLOC_ARENA_MAX=2 as the Dockerfile sets it (the bench scrubs it from its own environment).
+                    variant = Variant(label, pool=pool, concurrency=concurrency, ddtrace=ddtrace,
+                                      env={"MALLOC_ARENA_MAX": "2"})
+                    tasks = max(plan.sizing_min_tasks, plan.sizing_waves * concurrency)
+                    row = footprint(stack, variant, tasks, model.url)
+                    row["rep"] = rep
+                    rows.append(row)
+                    log(f"sizing {label} #{rep + 1}: ready {row['ready_s']:.2f} s, RSS {row['rss_mib']:.1f} / "
+                        f"USS {row['uss_mib']:.1f} / PSS {row['pss_mib']:.1f} MiB over {row['processes']} processes"
+                        + (f", child RSS max {row['child_rss_max_mib']:.1f} MiB" if row["child_rss_max_mib"] else ""))
+    finally:
+        model.stop()
+    groups = medians(rows)
+    ready_at = {"prefork": max(plan.sizing_prefork), "gevent": plan.sizing_gevent[min(1, len(plan.sizing_gevent) - 1)]}
+    return {
+        "figures": figures(groups, ready_at),
+        "measurements": {"groups": groups, "ddtrace_extra": ddtrace_extra(groups), "rows": rows},
+        "meta": {
+            "units": f"MiB ({MIB} bytes) for every memory figure, although the keys say _mb; seconds for ready times",
+            "figures": "pss_mb/rss_mb fits under ddtrace-run (the production launch): prefork total = prefork_main + "
+                       "concurrency x prefork_child; gevent total = gevent_base + concurrency x gevent_slot. "
+                       "ddtrace_per_process: what ddtrace-run adds per process (subtract it for a launch without). "
+                       "child_rss_max_mb: largest prefork child RSS seen after warm-up under ddtrace-run. "
+                       f"ready_seconds: median launch-to-ready-line time under ddtrace-run at prefork {ready_at['prefork']}"
+                       f" / gevent {ready_at['gevent']} (polled every 0.1 s).",
+            "model_delay_s": plan.sizing_model_delay,
+            "tracing": "ddtrace-run runs with DD_TRACE_ENABLED=true, spans sent to a local agent that drops them; "
+                       "telemetry and remote configuration off (bench default); MALLOC_ARENA_MAX=2 as in the Dockerfile",
+        },
+    }
+
+
 def run_sections(sections: Iterable[str], plan: Plan, meta: dict[str, Any], out: Path) -> None:
     with Stack() as stack:
         for section in sections:
             data = RUNNERS[section](stack, plan)
-            data["meta"] = {**meta, "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            data["meta"] = {**data.get("meta", {}), **meta, "finished": datetime.now(UTC).isoformat(timespec="seconds"),
                             "loadavg_end": os.getloadavg()}
             (out / f"{section}.json").write_text(json.dumps(data, indent=1, default=str))
             plot(section, data, out / f"{section}.png")
 
 
 RUNNERS: dict[str, Callable[[Stack, Plan], dict[str, Any]]] = {
-    "pools": run_pools, "overhead": run_overhead, "soak": run_soak, "scale": run_scale,
+    "pools": run_pools, "overhead": run_overhead, "soak": run_soak, "scale": run_scale, "sizing": run_sizing,
 }
 
 

@@ -4,8 +4,9 @@
 - Model servers: ``devtools.servers.serve_model_forever``, one process per latency.
 - moto (STS, S3, Firehose): ``moto.server.ThreadedMotoServer``; a Firehose stream with an S3 destination.
 - Callback receiver: answers 200 to every POST and counts them (``GET /count``).
+- Trace agent: takes ddtrace's trace payloads and drops them, so a worker can trace as in production.
 
-``python -m bench.servers model PORT DELAY | moto PORT | receiver PORT`` runs one of them in the foreground
+``python -m bench.servers model PORT DELAY | moto PORT | receiver PORT | trace-agent PORT`` runs one of them in the foreground
 until SIGTERM; ``Stack`` starts the lot and stops it again.
 """
 
@@ -87,6 +88,7 @@ class Stack:
         self.models: dict[float, ServerProcess] = {}
         self.moto = ServerProcess("moto", ready_path="/moto-api/")
         self.receiver = ServerProcess("receiver", ready_path="/count")
+        self.trace_agent = ServerProcess("trace-agent", ready_path="/info")
         self.stream = f"bench-{uuid.uuid4().hex[:8]}"
         self.bucket = f"bench-{uuid.uuid4().hex[:8]}"
 
@@ -98,7 +100,7 @@ class Stack:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for server in (self.receiver, self.moto, *self.models.values()):
+        for server in (self.receiver, self.moto, self.trace_agent, *self.models.values()):
             server.stop()
         self.redis.stop()
 
@@ -111,6 +113,12 @@ class Stack:
         if delay not in self.models:
             self.models[delay] = ServerProcess("model", delay, ready_path="/readyz").start()
         return self.models[delay].url
+
+    def trace_env(self) -> dict[str, str]:
+        """Worker environment for tracing as in production (on, every span sent), to a local agent (started on first use)."""
+        if self.trace_agent.process is None:
+            self.trace_agent.start()
+        return {"DD_TRACE_ENABLED": "true", "DD_TRACE_AGENT_URL": self.trace_agent.url, "DD_SERVICE": "bench", "DD_ENV": "bench"}
 
     def aws_env(self) -> dict[str, str]:
         return {**AWS_CREDENTIALS, "AWS_ENDPOINT_URL": self.moto.url, "AWS_DEFAULT_REGION": REGION, "AWS_REGION": REGION}
@@ -167,8 +175,21 @@ class _Receiver(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
 
-def _serve_receiver(port: int) -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", port), _Receiver)
+class _TraceAgent(_Receiver):
+    """Accepts any trace payload (PUT or POST, v0.4 or v0.5) and drops it; ``/info`` advertises nothing."""
+
+    def do_PUT(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._send(b'{"rate_by_service": {}}')
+
+    do_POST = do_PUT
+
+    def do_GET(self) -> None:
+        self._send(b"{}")
+
+
+def _serve_receiver(port: int, handler: type[_Receiver] = _Receiver) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
@@ -200,6 +221,8 @@ def main(argv: list[str]) -> None:
         _serve_moto(port)
     elif kind == "receiver":
         _serve_receiver(port)
+    elif kind == "trace-agent":
+        _serve_receiver(port, _TraceAgent)
     else:
         raise SystemExit(f"unknown server {kind!r}")
 

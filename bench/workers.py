@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 
 import psutil
@@ -19,7 +18,7 @@ SCRUBBED = ("MALLOC_ARENA_MAX", "LD_PRELOAD", "PYTHONTRACEMALLOC", "FORWARDER_ME
 
 @dataclass(frozen=True)
 class Variant:
-    """One worker configuration: which program, pool, concurrency, hooks and extra environment."""
+    """One worker configuration: which program, pool, concurrency, hooks, extra environment, under ddtrace-run or not."""
 
     label: str
     program: str = "forwarder"  # forwarder | bare | leaky
@@ -27,6 +26,7 @@ class Variant:
     concurrency: int = 4
     hooks: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    ddtrace: bool = False  # the production launch: ddtrace-run, tracing on, spans sent to the bench's agent
 
 
 class BenchWorker(WorkerProcess):
@@ -35,12 +35,15 @@ class BenchWorker(WorkerProcess):
     MODULES = {"forwarder": "forwarder", "bare": "bench.bare_worker", "leaky": "bench.leaky_worker"}
     READY = {"forwarder": "forwarder ready", "bare": "bare worker ready", "leaky": "forwarder ready"}
 
-    def __init__(self, env: dict[str, str], program: str) -> None:
-        super().__init__(env)
+    def __init__(self, env: dict[str, str], program: str, *, ddtrace: bool = False) -> None:
+        super().__init__(env, ddtrace=ddtrace)
         self.program = program
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", self.MODULES[self.program]]
+        """WorkerProcess's command (``ddtrace-run`` in front when asked) with this program's module."""
+        command = super().command()
+        command[command.index("-m") + 1] = self.MODULES[self.program]
+        return command
 
     def start(self, wait_ready: bool = True, timeout: float = 60) -> BenchWorker:
         super().start(wait_ready=False)
@@ -89,6 +92,8 @@ def worker_environment(stack: Stack, variant: Variant, queue: str, model_url: st
         FORWARDER_READY_TIMEOUT="30",
         **stack.aws_env(),
     )
+    if variant.ddtrace:
+        env.update(stack.trace_env())
     if variant.hooks:
         env["FORWARDER_HOOKS"] = ",".join(variant.hooks)
     if "logging" in variant.hooks:
