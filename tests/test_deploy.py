@@ -314,35 +314,38 @@ def test_the_grace_period_counts_each_part_of_a_warm_shutdown() -> None:
 
 # ------------------------------------------------------------------------------------------ read-only root
 
-#: Runs the rest of the command line with the root filesystem read-only in a mount namespace of its own, /tmp
-#: still writable (the pod's emptyDir) and /dev/shm as it is (its own tmpfs, as in a pod).
-READ_ONLY_ROOT = ["unshare", "--mount", "sh", "-c",
-                  'mount --make-rprivate / && mount --bind /tmp /tmp && mount -o remount,bind,ro / && exec "$@"', "sh"]
+def read_only_root(writable: Path) -> list[str]:
+    """A command prefix: the rest of the command line runs with the root filesystem read-only, in a mount
+    namespace of its own, except ``writable`` (the pod's /tmp emptyDir) and /dev/shm (its own tmpfs, as in a pod).
+    Wherever the checkout lives (a CI clone under /tmp too), only ``writable`` takes a write."""
+    script = 'mount --make-rprivate / && mount --bind "$1" "$1" && mount -o remount,bind,ro / && shift && exec "$@"'
+    return ["unshare", "--mount", "sh", "-c", script, "sh", str(writable)]
 
 
-def read_only_root_available() -> bool:
+def read_only_root_available(writable: Path) -> bool:
     if shutil.which("unshare") is None:
         return False
-    done = subprocess.run([*READ_ONLY_ROOT, "true"], capture_output=True, timeout=30)
-    return done.returncode == 0
+    return subprocess.run([*read_only_root(writable), "true"], capture_output=True, timeout=30).returncode == 0
 
 
 class ReadOnlyRootWorker(WorkerProcess):
-    """The worker as deployment.yaml runs it: ``readOnlyRootFilesystem`` with /tmp and /dev/shm writable."""
+    """The worker as deployment.yaml runs it: ``readOnlyRootFilesystem``, writing only its temporary folder
+    (``FORWARDER_HEALTH_DIR`` and ``TMPDIR`` are in it, as in the pod's /tmp) and /dev/shm."""
 
     def command(self) -> list[str]:
-        return [*READ_ONLY_ROOT, *super().command()]
+        return [*read_only_root(self.temp_dir), *super().command()]
 
 
 @pytest.mark.parametrize("pool", ["prefork", "gevent"])
 def test_the_worker_needs_only_tmp_and_dev_shm_writable(pool: str, base_env: dict[str, str], producer: Any) -> None:
-    if not read_only_root_available():
-        pytest.skip("needs a mount namespace (root, or unprivileged user namespaces) to make the root read-only")
-    # The wrapper really makes the root read-only: writing next to the code fails under it
-    refused = subprocess.run([*READ_ONLY_ROOT, "touch", str(ROOT / "written-on-a-read-only-root")],
-                             capture_output=True, text=True, timeout=30)
-    assert refused.returncode != 0 and "Read-only file system" in refused.stderr
     worker = ReadOnlyRootWorker({**base_env, "CELERY_WORKER_POOL": pool}, ddtrace=True)
+    if not read_only_root_available(worker.temp_dir):
+        pytest.skip("needs a mount namespace (root, or unprivileged user namespaces) to make the root read-only")
+    # The wrapper really makes the root read-only: writing next to the code, or at the top, fails under it
+    for target in (ROOT / "written-on-a-read-only-root", Path("/written-on-a-read-only-root")):
+        refused = subprocess.run([*read_only_root(worker.temp_dir), "touch", str(target)], capture_output=True,
+                                 text=True, timeout=30)
+        assert refused.returncode != 0 and "Read-only file system" in refused.stderr, target
     try:
         worker.start(timeout=90)
         results = [send(producer, {"args": {"n": n}}, queue=base_env["CELERY_QUEUE"]) for n in range(6)]
