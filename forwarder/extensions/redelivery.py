@@ -33,7 +33,7 @@ SWEEP_INTERVAL_MAX = 10.0
 #: Shortest pause between sweeps, in seconds.
 SWEEP_INTERVAL_MIN = 1.0
 
-#: Sent by a sweep that handed messages back to the queue: ``count`` of them, and the ``queues`` consumed.
+#: Sent by a sweep that handed messages back to their queues, with their ``count``.
 messages_restored = Signal(name="forwarder.messages_restored")
 
 
@@ -76,10 +76,9 @@ class RestoreUnacked(bootsteps.StartStopStep):
                            type(exc).__name__, exc)
             return
         if restored:
-            queues = sorted(queue.name for queue in getattr(c.task_consumer, "queues", []) or [])
             logger.warning("handed %d unacknowledged message(s) back to the queue: their visibility timeout "
                            "passed (a worker died holding them)", restored)
-            messages_restored.send(sender=self, count=restored, queues=queues)
+            messages_restored.send(sender=self, count=restored)
 
 
 def restore_counted(qos: Any, limit: int | None) -> int:
