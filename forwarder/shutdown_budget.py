@@ -30,7 +30,8 @@ MARGIN_SECONDS = 50
 
 
 def grace_period_parts(settings: Settings) -> dict[str, int]:
-    """Seconds each part of a warm shutdown may take (see the module docstring), by part name."""
+    """Seconds each part of a warm shutdown may take (see the module docstring), by part name; their sum is the
+    smallest ``terminationGracePeriodSeconds`` that lets every warm shutdown finish."""
     parts = {
         "model": math.ceil(settings.model_connect_timeout + settings.model_read_timeout),
         "result_store": RESULT_STORE_SECONDS,
@@ -44,7 +45,3 @@ def grace_period_parts(settings: Settings) -> dict[str, int]:
     parts["margin"] = MARGIN_SECONDS
     return parts
 
-
-def grace_period(settings: Settings) -> int:
-    """The smallest ``terminationGracePeriodSeconds`` that lets every warm shutdown finish."""
-    return sum(grace_period_parts(settings).values())
