@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help demo demo-gevent test test-fast lint lock bench soak scale sizing capacity clean
+.PHONY: help demo demo-gevent test test-fast lint lock bench soak scale sizing capacity outage clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
@@ -42,6 +42,9 @@ scale: $(STAMP)  ## gevent at concurrency 32-1024 against a 1 s model (prefork 3
 
 sizing: $(STAMP)  ## what a pod needs: memory (MiB) and start-up, prefork/gevent, with and without ddtrace-run, ~2-4 min
 	$(PY) -m bench.run --only sizing $(BENCH_ARGS)
+
+outage: $(STAMP)  ## the model SIGKILLed for 2 min under load: this worker beside llm-engine's retries, both pools, ~7 min
+	$(PY) -m bench.outage $(OUTAGE_ARGS)
 
 capacity: $(STAMP)  ## simulate KEDA scaling on queue depth (a burst, a steady load), seconds; --plan: bench/capacity.py
 	$(PY) -m bench.capacity $(CAPACITY_ARGS)

@@ -58,6 +58,13 @@ if "track_started" in _mirror:
     app.conf.task_track_started = True
 if "acks_late" in _mirror:
     app.conf.update(task_acks_late=True, task_reject_on_worker_lost=True)
+#: BARE_LLM_ENGINE_RETRIES=1: llm-engine's forwarder's retry settings (``make outage``): late acks, STARTED stored,
+#: and a connection error retried by Celery's defaults, 3 times a fixed 180 s apart, the worker taking new
+#: messages all along.
+LLM_ENGINE_RETRIES = env.get("BARE_LLM_ENGINE_RETRIES", "") == "1"
+if LLM_ENGINE_RETRIES:
+    app.conf.update(task_acks_late=True, task_reject_on_worker_lost=True, task_track_started=True)
+_task_options: dict[str, Any] = {"autoretry_for": (requests.ConnectionError,)} if LLM_ENGINE_RETRIES else {}
 
 _lock = threading.Lock()
 _clients: dict[str, Any] = {}
@@ -90,10 +97,10 @@ def _build(name: str) -> Any:
     return boto3.session.Session().client("firehose", config=Config(max_pool_connections=max(10, CONCURRENCY)))
 
 
-@app.task(name=TASK_NAME)
+@app.task(name=TASK_NAME, **_task_options)
 def exec_func(request: Any, arrival: Any = None, *args: Any, **kwargs: Any) -> Any:
     body = request.get("args", request)
-    response = _client("http").post(MODEL_URL, json=body, timeout=(5, 600))
+    response = _client("http").post(MODEL_URL, json=body, timeout=(5, 600))  # noqa: S113
     result = {"result": json.dumps(response.json()), "status_code": response.status_code}
     if STREAM:
         record = {

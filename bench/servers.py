@@ -209,7 +209,7 @@ def main(argv: list[str]) -> None:
     kind, port = argv[0], int(argv[1])
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # for sigwait
     if kind == "model":
-        serve_model_forever(port, float(argv[2]))
+        serve_model_forever(port, float(argv[2]), argv[3] if len(argv) > 3 else None)
     elif kind == "async-model":
         import asyncio
 

@@ -114,8 +114,9 @@ class ModelBehaviour:
 
     ``delay``: seconds before answering. ``status``: HTTP status of answers. ``mode``: ``json`` (echo
     the request), ``text`` (a body that is not JSON), ``hang`` (never answer), ``huge`` (a valid JSON
-    answer ``{"text": "aaa..."}`` of ``huge_bytes`` bytes with its Content-Length) or ``huge-chunked``
-    (the same, chunked, with no Content-Length). Huge answers are streamed, never built in memory.
+    answer ``{"text": "aaa..."}`` of ``huge_bytes`` bytes with its Content-Length), ``huge-chunked``
+    (the same, chunked, with no Content-Length; huge answers are streamed, never built in memory) or
+    ``empty`` (no body, as a proxy answers while the model behind it is away).
     ``mode_by_id``: request ``id`` -> the mode for that request alone (the others follow ``mode``).
     ``huge_sent``/``huge_cut``: huge answers sent whole, and cut off because the client closed first.
     """
@@ -139,6 +140,11 @@ class ModelBehaviour:
         #: (a poison message: the process that sent it dies, as by an OOM kill). ``killed``: the pids.
         self.kill_senders: dict[str, int] = {}
         self.killed: list[int] = []
+        #: A file each request's key is appended to as it arrives (a model in its own process, whose counts
+        #: a test cannot read otherwise; a restarted one appends to the same file).
+        self.request_log: str | None = None
+        #: Request id -> how many more requests with that id are answered 503 with ``Retry-After: 1`` (overload).
+        self.overloaded: dict[str, int] = {}
 
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]
@@ -211,11 +217,25 @@ class _ModelHandler(QuietHandler):
             behaviour.requests[key] += 1
             if len(behaviour.bodies) < 1000:
                 behaviour.bodies.append(body)
+            if behaviour.request_log:
+                with open(behaviour.request_log, "a", encoding="utf-8") as log:
+                    log.write(key + "\n")
         if behaviour.kill_senders.get(key, 0) > 0:
             with behaviour.lock:
                 behaviour.kill_senders[key] -= 1
                 behaviour.in_flight -= 1
             self._kill_sender()
+            return
+        if behaviour.overloaded.get(key, 0) > 0:
+            with behaviour.lock:
+                behaviour.overloaded[key] -= 1
+                behaviour.in_flight -= 1
+            self.send_response(503)
+            self.send_header("Retry-After", "1")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "21")
+            self.end_headers()
+            self.wfile.write(b'{"error": "overload"}')
             return
         mode = behaviour.mode_by_id.get(key, behaviour.mode)
         try:
@@ -225,6 +245,8 @@ class _ModelHandler(QuietHandler):
                 time.sleep(behaviour.delay)
             if mode == "text":
                 self._send(behaviour.status, b"<html>oops, not json</html>", "text/html")
+            elif mode == "empty":  # a proxy whose model is away: a status and no body
+                self._send(behaviour.status, b"", "text/plain")
             elif mode in ("huge", "huge-chunked"):
                 self._send_huge(behaviour.status, behaviour.huge_bytes, chunked=mode == "huge-chunked")
             else:
@@ -311,10 +333,12 @@ class ModelServer:
         self._server = None
 
 
-def serve_model_forever(port: int, delay: float = 0.0) -> None:
-    """Run the example model in this process until killed (used as a separate process by benchmarks)."""
+def serve_model_forever(port: int, delay: float = 0.0, request_log: str | None = None) -> None:
+    """Run the example model in this process until killed (a separate process for benchmarks and fault
+    tests); ``request_log``: a file each request's ``id`` is appended to."""
     server = ModelServer(port)
     server.behaviour.delay = delay
+    server.behaviour.request_log = request_log
     server.start()
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     server.stop()

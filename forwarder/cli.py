@@ -76,6 +76,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         parts = grace_period_parts(settings)
         print(f"forwarder: terminationGracePeriodSeconds >= {sum(parts.values())} "
               f"({' + '.join(f'{name} {seconds}' for name, seconds in parts.items())})")
+        print(f"forwarder: a model outage holds each task taken up to {settings.model_outage_max:g} s, then hands it "
+              "back (a warm shutdown hands it back at once, so the grace period above is unchanged)")
         for warning in settings.warnings:
             print(f"forwarder: warning: {warning}")
         return 0

@@ -15,6 +15,8 @@ from forwarder.callback_hook import CallbackHook
 from forwarder.extensions import Extensions, default_extensions
 from forwarder.hooks import Hook, HookRunner
 from forwarder.logging_hook import LoggingHook
+from forwarder.model_attempts import RetryPolicy
+from forwarder.model_outage import ModelOutage
 from forwarder.settings import Settings
 from gateways.callback import CallbackClient
 from gateways.firehose import FirehoseGateway
@@ -23,10 +25,16 @@ from gateways.model_server import ModelClient
 
 @dataclass(frozen=True)
 class Deps:
-    """What tasks use: settings, the model client, the hook runner and the extensions."""
+    """What tasks use: settings, the model client and how it is called, the hook runner and the extensions.
+
+    ``outage`` is shared memory (``forwarder.model_outage``): built here, before prefork forks its children,
+    so the main process and every child see one state.
+    """
 
     settings: Settings
     model: ModelClient
+    outage: ModelOutage
+    retry_policy: RetryPolicy
     hooks: HookRunner
     extensions: Extensions
 
@@ -39,6 +47,8 @@ def build_deps(settings: Settings) -> Deps:
     return Deps(
         settings=settings,
         model=model_client(settings),
+        outage=ModelOutage(settings.model_outage_max),
+        retry_policy=retry_policy(settings),
         hooks=HookRunner([build_hook(name, settings) for name in settings.hooks]),
         extensions=default_extensions(),
     )
@@ -54,6 +64,16 @@ def model_client(settings: Settings) -> ModelClient:
         read_timeout=settings.model_read_timeout,
         pool_size=settings.pools.model_connections,
         max_response_bytes=settings.max_response_bytes,
+    )
+
+
+def retry_policy(settings: Settings) -> RetryPolicy:
+    """Statuses retried in place (FORWARDER_RETRY_STATUSES), as often and as far apart as FORWARDER_RETRY_*."""
+    return RetryPolicy(
+        statuses=frozenset(settings.retry_statuses),
+        retries=settings.retry_max,
+        backoff=settings.retry_backoff,
+        backoff_max=settings.retry_backoff_max,
     )
 
 

@@ -11,6 +11,9 @@ Files, in ``FORWARDER_HEALTH_DIR``:
   ``FORWARDER_LIVENESS_MAX_AGE``.
 - ``ready``: written once the worker consumes, removed as soon as a warm shutdown starts and at stop.
   ``probe ready`` needs it and a fresh heartbeat.
+- ``model-away``: written while the model server is away (``forwarder.model_outage``); ``probe ready``
+  fails while it exists, ``probe live`` does not look at it (the forwarder must not be restarted because
+  its model is).
 - ``stopping``: written when a warm shutdown starts. The loop no longer turns while the worker waits
   for its running tasks (prefork joins its children), so ``probe live`` passes while it exists: the
   pod's grace period, not the liveness probe, bounds a warm shutdown.
@@ -29,7 +32,7 @@ HEALTH_DIR_ENV = "FORWARDER_HEALTH_DIR"
 DEFAULT_HEALTH_DIR = "/tmp/forwarder-health"  # noqa: S108  (per container; the probe must find it unconfigured)
 LIVENESS_MAX_AGE_ENV = "FORWARDER_LIVENESS_MAX_AGE"
 DEFAULT_LIVENESS_MAX_AGE = "60"
-LIVE, READY, STOPPING = "live", "ready", "stopping"
+LIVE, READY, STOPPING, MODEL_AWAY = "live", "ready", "stopping", "model-away"
 PROBES = ("live", "ready")
 EXIT_PASS, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
@@ -62,7 +65,7 @@ class HealthFiles:
     def reset(self) -> None:
         """At start: create the folder and drop what an earlier run left."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        for name in (LIVE, READY, STOPPING):
+        for name in (LIVE, READY, STOPPING, MODEL_AWAY):
             self._remove(name)
 
     def beat(self) -> None:
@@ -87,13 +90,25 @@ class HealthFiles:
     def mark_stopped(self) -> None:
         self._remove(READY)
 
-    def beat_age(self, now: float | None = None) -> float | None:
-        """Seconds since the last heartbeat, or None when there is none."""
+    def mark_model_away(self, away: bool) -> None:
+        """The model server went away (True) or came back (False): ``probe ready`` fails in between."""
+        if away:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / MODEL_AWAY).touch()
+        else:
+            self._remove(MODEL_AWAY)
+
+    def age(self, name: str, now: float | None = None) -> float | None:
+        """Seconds since the file ``name`` was last written, or None when there is none."""
         try:
-            mtime = (self.dir / LIVE).stat().st_mtime
+            mtime = (self.dir / name).stat().st_mtime
         except FileNotFoundError:
             return None
         return max(0.0, (time.time() if now is None else now) - mtime)
+
+    def beat_age(self, now: float | None = None) -> float | None:
+        """Seconds since the last heartbeat, or None when there is none."""
+        return self.age(LIVE, now)
 
     def has(self, name: str) -> bool:
         return (self.dir / name).exists()
@@ -125,6 +140,9 @@ def check_ready(files: HealthFiles, max_age: float) -> tuple[bool, str]:
     live, line = check_live(files, max_age)
     if not live:
         return False, line.replace("not live", "not ready", 1)
+    away = files.age(MODEL_AWAY)
+    if away is not None:
+        return False, f"not ready: the model server is away (for {away:.0f}s); intake paused"
     return True, "ready"
 
 
@@ -151,7 +169,8 @@ def add_probe_parser(commands: argparse._SubParsersAction) -> None:
         help="Kubernetes probe: exit 0 if the worker is live/ready, 1 if not (no Celery, no broker)",
         description=f"Read the worker's health files in {HEALTH_DIR_ENV} (default {DEFAULT_HEALTH_DIR}). "
         f"live: the consumer's loop beat within {LIVENESS_MAX_AGE_ENV} seconds (default "
-        f"{DEFAULT_LIVENESS_MAX_AGE}). ready: live, consuming, and not in a warm shutdown. "
+        f"{DEFAULT_LIVENESS_MAX_AGE}). ready: live, consuming, the model server not away, and not in a warm "
+        "shutdown. "
         "Exit 0: pass; 1: fail; 2: invalid variable.",
     )
     probe.add_argument("check", choices=PROBES, help="which probe")

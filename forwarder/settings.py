@@ -154,6 +154,16 @@ def _optional_dogstatsd_url(raw: str) -> str:
     return value
 
 
+def _statuses(raw: str) -> tuple[int, ...]:
+    found = []
+    for item in _csv(raw):
+        status = int(item)
+        if not 100 <= status <= 599:
+            raise ValueError(f"{status} is not an HTTP status (100-599)")
+        found.append(status)
+    return tuple(dict.fromkeys(found))
+
+
 def _csv(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
@@ -199,7 +209,9 @@ VARS: tuple[Var, ...] = (
     Var("FORWARDER_MAX_RESULT_BYTES", str(128 * MIB), _positive_int, "Largest task result stored, in bytes of its JSON encoding (default 128 MiB: twice the default answer limit, since the wrapped format re-encodes the answer as a string and escaping grows it). A larger one fails that task with ResultTooLarge before the store. Redis holds at most 512 MiB in one value; S3, 5 GB.", "max_result_bytes"),
     Var("FORWARDER_RESULT_FORMAT", "wrapped", _choice(*RESULT_FORMATS), 'wrapped: {"result": "<model JSON as a string>", "status_code": N} (llm-engine default); raw: the model JSON, payload forwarded whole.', "result_format"),
     Var("FORWARDER_MAX_DELIVERIES", "3", _non_negative_int, "Deliveries of one task whose worker died (OOM kill, crash) before the next is refused: stored as a FAILURE, hooks run, acked (0: never refuse). Redis broker: counted in the broker's Redis; SQS: ApproximateReceiveCount.", "max_deliveries"),
-    Var("FORWARDER_RETRY_MAX", "5", _non_negative_int, "Retries of a task whose model connection failed (refused, reset, connect timeout).", "retry_max"),
+    Var("FORWARDER_MODEL_OUTAGE_MAX", "900", _positive_float, "Seconds a task taken waits in place for a model server that went away (refused, reset, connect timeout or a proxy's empty 502/503/504, and its readiness failing too) before it is handed back to the queue, unrun. Intake stops while the model is away; a warm shutdown hands waiting tasks back at once. Must stay below CELERY_BROKER_VISIBILITY_TIMEOUT less the model timeouts.", "model_outage_max"),
+    Var("FORWARDER_RETRY_STATUSES", "", _statuses, "Comma-separated HTTP statuses of the model's answer that are sent again in place (e.g. 429,503), after the answer's Retry-After (at most FORWARDER_RETRY_BACKOFF_MAX) or the backoff, up to FORWARDER_RETRY_MAX times; the last answer is stored. Empty: every status is stored as the result, as llm-engine does.", "retry_statuses"),
+    Var("FORWARDER_RETRY_MAX", "5", _non_negative_int, "Retries of a task whose model connection failed while its readiness still passed (an outage is held instead: FORWARDER_MODEL_OUTAGE_MAX), and resends of a FORWARDER_RETRY_STATUSES answer.", "retry_max"),
     Var("FORWARDER_RETRY_BACKOFF", "2", _positive_int, "Whole seconds before the first retry; doubles each retry, with full jitter.", "retry_backoff"),
     Var("FORWARDER_RETRY_BACKOFF_MAX", "60", _positive_int, "Longest wait between retries, in whole seconds.", "retry_backoff_max"),
     # --- Kubernetes probes (python -m forwarder probe live|ready reads these two itself: forwarder.health)
@@ -276,6 +288,8 @@ class Settings:
     max_result_bytes: int
     result_format: str
     max_deliveries: int
+    model_outage_max: float
+    retry_statuses: tuple[int, ...]
     retry_max: int
     retry_backoff: int
     retry_backoff_max: int
@@ -404,6 +418,13 @@ def _check_combinations(values: dict[str, Any]) -> None:
         raise ConfigError("CELERY_SQS_QUEUE_URL", "", "is required when CELERY_BROKER_URL is sqs://")
     if "logging" in values["hooks"] and not values["firehose_stream_name"]:
         raise ConfigError("FIREHOSE_STREAM_NAME", "", "is required when FORWARDER_HOOKS includes logging")
+    if not values["broker_url"].startswith("sqs://") and values["model_outage_max"] >= values["visibility_timeout"]:
+        # A held task is unacknowledged: past the visibility timeout the broker delivers it again while it waits.
+        raise ConfigError(
+            "FORWARDER_MODEL_OUTAGE_MAX", _as_env_value(values["model_outage_max"]),
+            f"must be below CELERY_BROKER_VISIBILITY_TIMEOUT ({values['visibility_timeout']:g} s), "
+            "or a task waiting for the model is delivered again while it waits",
+        )
 
 
 def _warnings(values: dict[str, Any]) -> tuple[str, ...]:
@@ -412,6 +433,12 @@ def _warnings(values: dict[str, Any]) -> tuple[str, ...]:
         found.append(
             "CELERY_BROKER_VISIBILITY_TIMEOUT does not exceed FORWARDER_MODEL_READ_TIMEOUT: a task still "
             "running when the visibility timeout passes is delivered again"
+        )
+    longest_hold = values["model_outage_max"] + values["model_connect_timeout"] + values["model_read_timeout"]
+    if not values["broker_url"].startswith("sqs://") and longest_hold >= values["visibility_timeout"] > values["model_outage_max"]:
+        found.append(
+            "CELERY_BROKER_VISIBILITY_TIMEOUT does not exceed FORWARDER_MODEL_OUTAGE_MAX plus the model timeouts: "
+            "a task that waited out an outage and then runs long is delivered again"
         )
     if values["result_backend"].startswith(("redis://", "rediss://")) and (
         values["max_result_bytes"] > REDIS_MAX_VALUE - _META_ROOM

@@ -23,6 +23,7 @@ from celery.worker.request import Request
 from forwarder import acks, deps, tracing
 from forwarder.errors import ForwarderError, MalformedRequest
 from forwarder.extensions.delivery_cap import RECEIVE_COUNT_KEY
+from forwarder.model_attempts import call_model
 from forwarder.model_call import note_model_call
 from forwarder.payload import error_payload, format_trace, plan_request, shape_result
 from gateways.errors import GatewayError, release_exception
@@ -55,14 +56,16 @@ def exec_func(payload: Any = _NO_REQUEST, arrival_timestamp: Any = None, *ignore
     with tracing.step(tracing.PLAN, task_id):
         plan = plan_request(payload, current.settings.result_format)
     status_code = None
+    seconds = None
     started = time.monotonic()
     try:
         with tracing.step(tracing.MODEL, task_id) as span:
-            answer = current.model.predict(plan.body)
-            status_code = answer.status_code
-            tracing.tag(span, **{"http.status_code": answer.status_code, "forwarder.model.answer_bytes": answer.size})
+            call = call_model(current.model, plan.body, current.outage, current.retry_policy, task_id or "")
+            answer, status_code, seconds = call.answer, call.answer.status_code, call.seconds
+            tracing.tag(span, **{"http.status_code": answer.status_code, "forwarder.model.answer_bytes": answer.size,
+                                 "forwarder.model.waited_seconds": round(call.waited, 3)})
     finally:  # for the task log line and the metrics (forwarder.model_call), whatever the outcome
-        note_model_call(status_code, time.monotonic() - started)
+        note_model_call(status_code, seconds if seconds is not None else time.monotonic() - started)
     return shape_result(answer.body, answer.status_code, plan, max_bytes=current.settings.max_result_bytes)
 
 

@@ -10,16 +10,16 @@ from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 from gateways.cached_client import CachedClient
 from gateways.errors import GatewayError, release_exception
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between readiness probes at start, and between "still waiting" log lines.
+#: Seconds between readiness probes at start.
 READY_POLL_INTERVAL = 1.0
-READY_LOG_INTERVAL = 10.0
+#: Statuses a proxy in front of the model answers, with no body, while the model behind it is away.
+PROXY_AWAY_STATUSES = frozenset({502, 503, 504})
 #: Body characters quoted in the error for a non-JSON answer.
 BODY_PREVIEW = 200
 #: Bytes read from the model's answer at a time while it is counted against the limit.
@@ -40,6 +40,10 @@ class ModelConnectionError(ModelServerError):
     """The model server could not be reached (refused, reset, connect timeout): the task is retried."""
 
 
+class ModelUnavailable(ModelConnectionError):
+    """A proxy in front of the model answered 502, 503 or 504 with no body: the model behind it is away."""
+
+
 class ModelTimeout(ModelServerError):
     """The model server accepted the request but did not answer within the read timeout."""
 
@@ -54,11 +58,12 @@ class ModelResponseTooLarge(ModelServerError):
 
 @dataclass(frozen=True)
 class ModelAnswer:
-    """The model's JSON answer, its HTTP status and its size in bytes."""
+    """The model's JSON answer, its HTTP status, its size in bytes and its ``Retry-After`` header, if any."""
 
     status_code: int
     body: Any
     size: int
+    retry_after: str | None = None
 
 
 def build_session(pool_size: int) -> requests.Session:
@@ -66,17 +71,16 @@ def build_session(pool_size: int) -> requests.Session:
 
     The pool blocks when full instead of opening more: the caller sizes it to the tasks that can call at
     once, so it never waits, and the model never sees more sockets from this process than tasks in flight.
-    Connect failures are retried twice at once (a restarting server, a dropped pooled socket); longer
-    outages are left to the task's own retry with backoff. Reads are never retried: the model may
-    already be working on the request. ``read=False`` (not 0) re-raises a read timeout as itself; with
-    0 urllib3 wraps it in MaxRetryError, which requests reports as a ConnectionError (then retried).
+    urllib3 retries nothing (``max_retries=0``): a failed connect is the caller's to judge
+    (``forwarder.model_attempts``: one more try if the model still answers ready, else an outage hold),
+    and urllib3's own retries logged a WARNING per attempt, twice a second while a model was away. Reads are
+    never retried: the model may already be working on the request.
     """
     session = requests.Session()
     # The model is a sidecar on localhost: no proxy, no .netrc. With trust_env, requests reads both on every
     # call (it walks the environment and stats ~/.netrc per request: ~10 % of a worker's CPU at scale).
     session.trust_env = False
-    retry = Retry(total=2, connect=2, read=False, status=0, other=0, backoff_factor=0.1, allowed_methods=None)
-    adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=retry, pool_block=True)
+    adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=0, pool_block=True)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
@@ -111,6 +115,7 @@ class ModelClient:
 
         Raises:
             ModelConnectionError: the server could not be reached (the task retries).
+            ModelUnavailable: a proxy answered 502/503/504 with no body (the model behind it is away).
             ModelTimeout: no answer within the read timeout.
             ModelResponseTooLarge: the answer is larger than ``max_response_bytes``.
             ModelResponseError: the answer is not JSON.
@@ -135,6 +140,9 @@ class ModelClient:
                 f"bytes (the limit, set by {MAX_RESPONSE_VAR}); the answer was dropped"
             )
         size = len(content)
+        if size == 0 and response.status_code in PROXY_AWAY_STATUSES:
+            raise ModelUnavailable(f"model server {self.predict_url} answered HTTP {response.status_code} with no body")
+        retry_after = response.headers.get("Retry-After")
         text = _decode(content, response.encoding)
         del content  # one copy of the answer at a time: the text, then the parsed JSON
         try:
@@ -147,7 +155,7 @@ class ModelClient:
             )
         if failure is not None:
             raise failure
-        return ModelAnswer(response.status_code, body, size)
+        return ModelAnswer(response.status_code, body, size, retry_after)
 
     def _read_body(self, response: requests.Response) -> bytearray | None:
         """The whole body, or None (the response closed) once it is known to exceed the limit.
@@ -192,26 +200,34 @@ class ModelClient:
         return response.status_code == 200, f"HTTP {response.status_code}"
 
     def wait_ready(self, timeout: float) -> None:
-        """Block until the readiness URL answers 200, logging while waiting.
+        """Block until the readiness URL answers 200.
+
+        Logs one line when the wait starts, one each time what is seen changes (refused, then HTTP 503,
+        ...), and one when the model is ready: never a line per probe.
 
         Raises:
             ModelNotReady: not ready within ``timeout`` seconds.
         """
-        deadline = time.monotonic() + timeout
-        next_log = 0.0
+        started = time.monotonic()
+        deadline = started + timeout
+        last_seen = ""
         while True:
             ready, seen = self.is_ready()
             if ready:
-                logger.info("model server ready at %s", self.healthcheck_url)
+                if last_seen:
+                    logger.info("model server ready at %s after %.1f s", self.healthcheck_url, time.monotonic() - started)
+                else:
+                    logger.info("model server ready at %s", self.healthcheck_url)
                 return
             now = time.monotonic()
             if now >= deadline:
                 raise ModelNotReady(
                     f"model server not ready at {self.healthcheck_url} after {timeout:g} s (last: {seen})"
                 )
-            if now >= next_log:
-                logger.info("waiting for the model server at %s (%s)", self.healthcheck_url, seen)
-                next_log = now + READY_LOG_INTERVAL
+            if seen != last_seen:
+                verb = "waiting for" if not last_seen else "still waiting for"
+                logger.info("%s the model server at %s (%s; up to %g s)", verb, self.healthcheck_url, seen, timeout)
+                last_seen = seen
             time.sleep(min(READY_POLL_INTERVAL, max(0.0, deadline - now)))
 
     def close(self) -> None:

@@ -49,7 +49,7 @@ def test_sigkilled_worker_tasks_are_redelivered_and_complete(
 ):
     # Given a worker busy with two slow tasks, and two more tasks waiting in the queue
     own_model.behaviour.delay = 2.0
-    env = {**model_env(own_model), "CELERY_BROKER_VISIBILITY_TIMEOUT": str(VISIBILITY)}
+    env = {**model_env(own_model), "CELERY_BROKER_VISIBILITY_TIMEOUT": str(VISIBILITY), "FORWARDER_MODEL_OUTAGE_MAX": "1"}
     first = spawn(pool, **env)
     ids = [send(producer, queue, {"args": {"id": n}}) for n in range(4)]
     wait_for(lambda: own_model.behaviour.total >= 2, 20, "two tasks in flight at the model")
@@ -129,7 +129,7 @@ def test_sigkilled_prefork_child_task_is_requeued_and_completes(spawn, producer,
 @pytest.mark.parametrize("pool", POOLS)
 def test_redis_restart_while_tasks_flow(pool, spawn, producer, results, redis_server, queue, model):
     # Given a worker serving tasks
-    worker = spawn(pool, CELERY_BROKER_VISIBILITY_TIMEOUT=str(VISIBILITY))
+    worker = spawn(pool, CELERY_BROKER_VISIBILITY_TIMEOUT=str(VISIBILITY), FORWARDER_MODEL_OUTAGE_MAX="1")
     batch = [send(producer, queue, {"args": {"id": f"before-{n}"}}) for n in range(10)]
     assert set(statuses(wait_final(results, batch, 30, [worker])).values()) == {"SUCCESS"}
 
@@ -168,12 +168,13 @@ def test_model_down_at_start_exits_3_with_one_line(pool, start_worker):
 
 @pytest.mark.parametrize("pool", POOLS)
 def test_model_down_mid_run_then_back_tasks_retry_and_complete(
-    pool, spawn, producer, results, queue, model_process, model_on
+    pool, spawn, producer, results, queue, model_process, model_on, own_model
 ):
-    # Given a worker whose model server answers (its keep-alive connections are open)
+    # Given a worker whose model server answers (its keep-alive connections are open), and whose readiness URL
+    # is served apart (so it keeps passing: not an outage the hold would wait out, tests/test_model_outage.py)
     port = free_port()
     first = model_process(port)
-    worker = spawn(pool, FORWARDER_RETRY_MAX="20", **model_env(ModelServer(port)))
+    worker = spawn(pool, FORWARDER_RETRY_MAX="20", **predict_apart_from_readiness(port, own_model))
     warm = [send(producer, queue, {"args": {"id": f"warm-{n}"}}) for n in range(4)]
     assert set(statuses(wait_final(results, warm, 20, [worker])).values()) == {"SUCCESS"}
 
@@ -193,10 +194,12 @@ def test_model_down_mid_run_then_back_tasks_retry_and_complete(
 
 
 @pytest.mark.parametrize("pool", POOLS)
-def test_model_down_longer_than_retries_fails_clearly(pool, spawn, producer, results, queue, model_process, model_on):
+def test_model_down_longer_than_retries_fails_clearly(
+    pool, spawn, producer, results, queue, model_process, model_on, own_model
+):
     port = free_port()
     first = model_process(port)
-    worker = spawn(pool, FORWARDER_RETRY_MAX="1", **model_env(ModelServer(port)))
+    worker = spawn(pool, FORWARDER_RETRY_MAX="1", **predict_apart_from_readiness(port, own_model))
     warm = send(producer, queue, {"args": {"id": "warm"}})
     assert wait_final(results, [warm], 20, [worker])[warm]["status"] == "SUCCESS"
     first.kill()
@@ -213,6 +216,11 @@ def test_model_down_longer_than_retries_fails_clearly(pool, spawn, producer, res
     model_on(port)
     again = send(producer, queue, {"args": {"id": "again"}})
     assert wait_final(results, [again], 30, [worker])[again]["status"] == "SUCCESS"
+
+
+def predict_apart_from_readiness(port: int, ready: ModelServer) -> dict[str, str]:
+    """The model's predict URL on ``port``, its readiness URL on another server that keeps answering ready."""
+    return {"FORWARDER_MODEL_URL": f"http://127.0.0.1:{port}/predict", "FORWARDER_HEALTHCHECK_URL": f"{ready.url}/readyz"}
 
 
 @pytest.mark.parametrize("pool", POOLS)
@@ -363,7 +371,8 @@ def test_reliability_doc_names_every_fault_test():
     def tests_in(path: Path) -> set[str]:
         return set(re.findall(r"^def (test_\w+)\(", path.read_text(), flags=re.MULTILINE))
 
-    fault_modules = ("test_faults.py", "test_bad_input.py", "test_hook_faults.py", "test_large_answers.py")
+    fault_modules = ("test_faults.py", "test_bad_input.py", "test_hook_faults.py", "test_large_answers.py",
+                     "test_model_outage.py")
     defined = set().union(*(tests_in(root / module) for module in fault_modules))
     anywhere = set().union(*(tests_in(path) for path in root.glob("test_*.py")))
     meta = {"test_reliability_doc_names_every_fault_test", "test_planted_pickle_really_creates_its_file"}

@@ -5,8 +5,9 @@ What happens to one message, start to end:
 1. The consumer decodes it; ``tasks.CheckedRequest`` refuses a malformed body (stores a FAILURE when
    the task id is known) instead of letting it crash the consumer.
 2. ``before_task`` of each extension below, in list order (one may hand the message back).
-3. The task body (``tasks.exec_func``): plan the request, POST it to the model, shape the result;
-   Celery stores it (SUCCESS, or FAILURE, or schedules a RETRY).
+3. The task body (``tasks.exec_func``): plan the request, POST it to the model (``model_attempts``: held in
+   place while the model server is away, ``model_outage``), shape the result; Celery stores it (SUCCESS,
+   or FAILURE, or schedules a RETRY).
 4. ``ForwardTask.after_return`` (SUCCESS or FAILURE): llm-engine's failure meta, then the
    post-inference hooks (``hooks.HookRunner``: callback, logging), then ``after_task`` of each extension
    in reverse order.
@@ -29,6 +30,7 @@ from forwarder.extensions.close_clients import CloseClients
 from forwarder.extensions.delivery_cap import CapDeliveries
 from forwarder.extensions.memory_debug import MemoryDebug
 from forwarder.extensions.metrics import TaskMetrics
+from forwarder.extensions.model_outage import PauseIntakeWhileModelAway
 from forwarder.extensions.probes import HealthProbes
 from forwarder.extensions.ready_line import ReadyLine
 from forwarder.extensions.redelivery import RedeliverySweep
@@ -54,6 +56,7 @@ def default_extensions() -> Extensions:
             RedeliverySweep(),  # Redis broker: restore a dead worker's unacked messages every few seconds
             ReadyLine(),  # "forwarder ready: ..." once consuming
             HealthProbes(),  # files for `probe live|ready`: a heartbeat from the consumer's loop, ready/stopping marks
+            PauseIntakeWhileModelAway(),  # model server away: no intake, taken tasks wait in place (model_outage)
             FlagFailuresInTrace(),  # ddtrace: a failed task's span is an error
             CapDeliveries(),  # a message whose deliveries all killed their worker: refused, stored FAILURE
             HandBackOnShutdown(),  # warm shutdown: requeue, unrun, a task that would start now

@@ -9,7 +9,10 @@ or fails a task (``gateways.dogstatsd``); ``FORWARDER_METRICS=0`` sends nothing.
 - Per hook (``hooks.HookRunner``'s observer): attempt, success (delivered), skipped, failure.
 - Firehose client builds and their failures, STS apart (``FirehoseGateway``'s observer), in the process that
   builds the client; messages the Redis redelivery sweep handed back (``redelivery.messages_restored``).
-- Every few seconds, on the main process's timer: tasks in flight against the concurrency, and RSS.
+- Model outages (``forwarder.model_outage``), from the main process's watcher: one count as each starts, its
+  length as it ends, and the availability gauge at once.
+- Every few seconds, on the main process's timer: tasks in flight against the concurrency, RSS, whether the
+  model is available and how many tasks wait for it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from forwarder.extensions.base import Extension
 from forwarder.extensions.delivery_cap import PoisonMessage
 from forwarder.extensions.redelivery import messages_restored
 from forwarder.model_call import model_call
+from forwarder.model_outage import ENDED, STARTED, outage_changed
 from forwarder.settings import Settings
 from gateways.dogstatsd import Metrics
 from gateways.firehose import BUILD_FAILED, CLIENT_BUILT, STS_FAILED
@@ -58,6 +62,10 @@ FIREHOSE_BUILT = PREFIX + "firehose.client_built"
 FIREHOSE_STS_FAILED = PREFIX + "firehose.sts_failed"
 FIREHOSE_BUILD_FAILED = PREFIX + "firehose.client_build_failed"
 RESTORED = PREFIX + "broker.restored"
+MODEL_AVAILABLE = PREFIX + "model.available"
+MODEL_WAITING = PREFIX + "model.waiting"
+MODEL_OUTAGES = PREFIX + "model.outages"
+MODEL_OUTAGE_SECONDS = PREFIX + "model.outage_seconds"
 #: Seconds between the gauges.
 GAUGE_INTERVAL = 5.0
 
@@ -97,6 +105,7 @@ class TaskMetrics(Extension):
     """Sends the task, hook and worker metrics."""
 
     metrics: Metrics
+    outage: Any = None
 
     def install(self, app: Celery, settings: Settings) -> None:
         self.metrics = build_metrics(settings)
@@ -109,14 +118,17 @@ class TaskMetrics(Extension):
         from forwarder import deps  # deps builds the extensions: imported here, not at module load
 
         try:
-            runner = deps.current().hooks  # the worker installs its deps before the extensions
+            current = deps.current()  # the worker installs its deps before the extensions
         except RuntimeError:
-            runner = None  # extensions installed alone (tests): no hooks to observe
+            current = None  # extensions installed alone (tests): no hooks to observe
+        runner = current.hooks if current is not None else None
+        self.outage = current.outage if current is not None else None
         if runner is not None:
             runner.observe(self.hook_event)
             for gateway in deps.firehose_gateways(runner):
                 gateway.observe(self.firehose_event)
         messages_restored.connect(self.restored)
+        outage_changed.connect(self.outage_event, weak=False, dispatch_uid="forwarder.metrics.outage")
         app.steps["consumer"].add(type("WorkerGauges", (WorkerGauges,), {"extension": self}))
 
     def process_start(self) -> None:
@@ -190,6 +202,16 @@ class TaskMetrics(Extension):
         """``redelivery.messages_restored``: messages the sweep handed back to the queue."""
         self.metrics.increment(RESTORED, count, tags=self._base_tags())
 
+    def outage_event(self, sender: Any = None, event: str = "", seconds: float = 0.0, **_: Any) -> None:
+        """``model_outage.outage_changed``: an outage started or ended (main process)."""
+        tags = self._base_tags()
+        if event == STARTED:
+            self.metrics.increment(MODEL_OUTAGES, tags=tags)
+            self.metrics.gauge(MODEL_AVAILABLE, 0, tags=tags)
+        elif event == ENDED:
+            self.metrics.distribution(MODEL_OUTAGE_SECONDS, seconds, tags=tags)
+            self.metrics.gauge(MODEL_AVAILABLE, 1, tags=tags)
+
     def gauges(self) -> None:
         """In the main process, every few seconds: saturation and memory."""
         in_flight = len(worker_state.active_requests)
@@ -201,6 +223,9 @@ class TaskMetrics(Extension):
         self.metrics.gauge(RSS, main, tags=[*tags, "process:main"])
         if children:
             self.metrics.gauge(RSS, children, tags=[*tags, "process:children"])
+        if self.outage is not None:
+            self.metrics.gauge(MODEL_AVAILABLE, 0 if self.outage.away else 1, tags=tags)
+            self.metrics.gauge(MODEL_WAITING, self.outage.waiting, tags=tags)
 
     # ------------------------------------------------------------------------------ internals
 

@@ -125,12 +125,14 @@ class ModelProcess:
     """The example model in a process of its own, so it can really go down: SIGKILL closes every
     connection, keep-alive ones included (an in-process server's stop() leaves those served)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, request_log: str | None = None) -> None:
         self.port = port
+        self.request_log = request_log
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ModelProcess:
-        code = f"from devtools.servers import serve_model_forever; serve_model_forever({self.port})"
+        code = ("from devtools.servers import serve_model_forever; "
+                f"serve_model_forever({self.port}, request_log={self.request_log!r})")
         self.process = subprocess.Popen([sys.executable, "-c", code], env=worker_env())
         wait_for(lambda: _ready(self.port), 20, f"model process on port {self.port}")
         return self
@@ -176,12 +178,12 @@ def own_model() -> Iterator[ModelServer]:
 
 
 @pytest.fixture
-def model_process() -> Iterator[Callable[[int], ModelProcess]]:
+def model_process() -> Iterator[Callable[..., ModelProcess]]:
     """Factory: the example model in its own process on a port; killed at teardown."""
     started: list[ModelProcess] = []
 
-    def start(port: int) -> ModelProcess:
-        started.append(ModelProcess(port).start())
+    def start(port: int, request_log: str | None = None) -> ModelProcess:
+        started.append(ModelProcess(port, request_log).start())
         return started[-1]
 
     yield start

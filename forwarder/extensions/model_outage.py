@@ -1,0 +1,104 @@
+"""Stop taking messages while the model server is away, and start again the moment it is back.
+
+The state and the hold are ``forwarder.model_outage``; this wires them into the worker's main process:
+
+- ``IntakeControl``, a consumer step, looks at the shared state every ``INTAKE_INTERVAL`` seconds on the
+  consumer's own timer (prefork: kombu's event loop; gevent: a timer greenlet) and cancels the task queue
+  while the model is away, then consumes it again (Celery's ``Consumer.cancel_task_queue`` and
+  ``add_task_queue``, what the ``cancel_consumer``/``add_consumer`` remote commands run; they work without
+  remote control, which SQS cannot have). kombu's Redis transport defers a cancel that lands during a BRPOP
+  until the read completes, and a message that still arrives for a cancelled queue is handed back. The
+  state is read, not remembered: after a broker reconnect the consumer is rebuilt from the selected
+  queues, which the cancel deselected, so it stays paused until the model is back.
+- ``OutageWatcher`` probes readiness while the model is away and ends the outage; it marks ``probe ready``
+  failing in between. A warm shutdown hands waiting tasks back at once (``ModelOutage.mark_stopping``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from celery import Celery, bootsteps, signals
+from celery.worker import state as worker_state
+
+from forwarder.extensions.base import Extension
+from forwarder.health import HealthFiles
+from forwarder.model_outage import STARTED, ModelOutage, OutageWatcher, outage_changed
+from forwarder.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between looks at the shared state by the consumer (a memory read).
+INTAKE_INTERVAL = 0.25
+
+
+class IntakeControl(bootsteps.StartStopStep):
+    """Consumer step: consume the task queue only while the model is available."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+    #: Set on the subclass ``PauseIntakeWhileModelAway.install`` adds (bootsteps are built by Celery).
+    extension: PauseIntakeWhileModelAway | None = None
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.tref: Any = None
+
+    def start(self, c: Any) -> None:
+        if self.extension is not None and self.extension.watcher is not None:
+            self.extension.watcher.start()
+            self.tref = c.timer.call_repeatedly(INTAKE_INTERVAL, self.reconcile, (c,))
+
+    def stop(self, c: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+
+    shutdown = stop
+
+    def reconcile(self, c: Any) -> None:
+        """Cancel or add the queue so that the consumer takes messages exactly while the model is available."""
+        extension = self.extension
+        if extension is None or c.task_consumer is None or worker_state.should_stop is not None:
+            return
+        try:
+            consuming = c.task_consumer.consuming_from(extension.queue)
+            if extension.outage.away and consuming:
+                c.cancel_task_queue(extension.queue)
+            elif not extension.outage.away and not consuming:
+                c.add_task_queue(extension.queue)
+        except Exception as exc:  # a broker blip: the next look tries again; the timer must keep running
+            logger.warning("intake control: %s: %s", type(exc).__name__, exc)
+
+
+class PauseIntakeWhileModelAway(Extension):
+    """Wire the outage hold into the main process (see the module docstring)."""
+
+    watcher: OutageWatcher | None = None
+
+    def install(self, app: Celery, settings: Settings) -> None:
+        from forwarder import deps  # deps builds the extensions: imported here, not at module load
+
+        try:
+            current = deps.current()  # the worker installs its deps before the extensions
+        except RuntimeError:
+            return  # extensions installed alone (tests): no model to watch
+        self.outage: ModelOutage = current.outage
+        self.queue = settings.queue
+        self.main_pid = os.getpid()
+        self.files = HealthFiles(settings.health_dir)
+        self.watcher = OutageWatcher(self.outage, current.model.is_ready, settings.healthcheck_url)
+        app.steps["consumer"].add(type("IntakeControl", (IntakeControl,), {"extension": self}))
+        outage_changed.connect(self._outage_changed, weak=False, dispatch_uid="forwarder.outage.probe")
+        signals.worker_shutting_down.connect(self._shutting_down, weak=False, dispatch_uid="forwarder.outage.stop")
+
+    def process_stop(self) -> None:
+        if self.watcher is not None and os.getpid() == self.main_pid:
+            self.watcher.stop()
+
+    def _outage_changed(self, sender: Any = None, event: str = "", seconds: float = 0.0, **_: Any) -> None:
+        self.files.mark_model_away(event == STARTED)
+
+    def _shutting_down(self, **_: Any) -> None:
+        self.outage.mark_stopping()
