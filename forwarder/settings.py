@@ -28,6 +28,7 @@ from forwarder.health import (
 from forwarder.pool_bootstrap import DEFAULT_POOL, POOL_ENV, POOLS
 from forwarder.pools import PoolSizes, pool_sizes
 from gateways.dogstatsd import parse_url as parse_dogstatsd_url
+from gateways.webhook_signing import normalize_secrets
 
 RESULT_FORMATS = ("wrapped", "raw")
 LOG_FORMATS = ("text", "json")
@@ -220,6 +221,7 @@ VARS: tuple[Var, ...] = (
     Var("FORWARDER_CALLBACK_ALLOWED_HOSTS", "", _csv, "Callback allow-list: host names, IPs or CIDRs (comma-separated). Unset: any public address; loopback, link-local, private and metadata addresses are refused.", "callback_allowed_hosts"),
     Var("FORWARDER_CALLBACK_TIMEOUT", "10", _positive_float, "Seconds for one callback attempt (connect and read).", "callback_timeout"),
     Var("FORWARDER_CALLBACK_RETRIES", "3", _positive_int, "Callback attempts in all (on connection errors and 5xx), with exponential backoff.", "callback_attempts"),
+    Var("FORWARDER_CALLBACK_SIGNING_SECRET", "", normalize_secrets, "Sign every callback in the Standard Webhooks scheme (as Replicate does): whsec_ followed by the base64 of a key of at least 24 bytes; several, space-separated, during a rotation (one signature each). Adds webhook-id (the task id), webhook-timestamp and webhook-signature. Unset: callbacks unsigned, as llm-engine sends them. Never shown.", "callback_signing_secret"),
     Var("FIREHOSE_STREAM_NAME", "", _text, "Firehose delivery stream of the logging hook.", "firehose_stream_name"),
     Var("FIREHOSE_ROLE_ARN", "", _text, "Role assumed (STS) for Firehose; unset: the default credential chain.", "firehose_role_arn"),
     Var("FIREHOSE_SESSION_DURATION", "3600", lambda raw: _bounded_int(raw, 900, 43200), "Assume-role session length in seconds (900-43200); an hour avoids botocore's 15-minute refresh on every call.", "firehose_session_duration"),
@@ -295,6 +297,7 @@ class Settings:
     callback_allowed_hosts: tuple[str, ...]
     callback_timeout: float
     callback_attempts: int
+    callback_signing_secret: str = field(repr=False)
     firehose_stream_name: str
     firehose_role_arn: str
     firehose_session_duration: int
