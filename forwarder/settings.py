@@ -27,6 +27,7 @@ from forwarder.health import (
 )
 from forwarder.pool_bootstrap import DEFAULT_POOL, POOL_ENV, POOLS
 from forwarder.pools import PoolSizes, pool_sizes
+from forwarder.request_ttl import parse_ttl
 from gateways.dogstatsd import parse_url as parse_dogstatsd_url
 from gateways.webhook_signing import normalize_secrets
 
@@ -199,6 +200,7 @@ VARS: tuple[Var, ...] = (
     Var("FORWARDER_MAX_RESPONSE_BYTES", str(64 * MIB), _positive_int, "Largest model answer read, in bytes (default 64 MiB). A larger one is refused by its Content-Length before its body is read, or cut off as soon as the bytes counted pass the limit (its connection closed, not drained); that task fails with ModelResponseTooLarge, never retried.", "max_response_bytes"),
     Var("FORWARDER_MAX_RESULT_BYTES", str(128 * MIB), _positive_int, "Largest task result stored, in bytes of its JSON encoding (default 128 MiB: twice the default answer limit, since the wrapped format re-encodes the answer as a string and escaping grows it). A larger one fails that task with ResultTooLarge before the store. Redis holds at most 512 MiB in one value; S3, 5 GB.", "max_result_bytes"),
     Var("FORWARDER_RESULT_FORMAT", "wrapped", _choice(*RESULT_FORMATS), 'wrapped: {"result": "<model JSON as a string>", "status_code": N} (llm-engine default); raw: the model JSON, payload forwarded whole.', "result_format"),
+    Var("FORWARDER_REQUEST_TTL", "", parse_ttl, "Seconds a request may wait in the queue, from its producer's arrival timestamp to its start (SageMaker async: RequestTTLSeconds). An older one is not sent to the model: stored as a FAILURE (RequestExpired), hooks run. A timestamp without a zone (llm-engine's datetime.now()) is read as the worker's local time, UTC in Kubernetes: producer and worker must share a timezone. Unset: no limit, as llm-engine.", "request_ttl"),
     Var("FORWARDER_MAX_DELIVERIES", "3", _non_negative_int, "Deliveries of one task whose worker died (OOM kill, crash) before the next is refused: stored as a FAILURE, hooks run, acked (0: never refuse). Redis broker: counted in the broker's Redis; SQS: ApproximateReceiveCount.", "max_deliveries"),
     Var("FORWARDER_RETRY_MAX", "5", _non_negative_int, "Retries of a task whose model connection failed (refused, reset, connect timeout).", "retry_max"),
     Var("FORWARDER_RETRY_BACKOFF", "2", _positive_int, "Whole seconds before the first retry; doubles each retry, with full jitter.", "retry_backoff"),
@@ -277,6 +279,7 @@ class Settings:
     max_response_bytes: int
     max_result_bytes: int
     result_format: str
+    request_ttl: float | None
     max_deliveries: int
     retry_max: int
     retry_backoff: int
