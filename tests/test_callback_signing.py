@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import json
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
@@ -210,6 +212,20 @@ def test_the_hook_signs_with_the_task_id_for_success_and_failure(callback_receiv
     assert verify(OLD, ok.raw, ok.headers) == {"result": "r", "status_code": 200, "task_id": "task-ok"}
     assert verify(OLD, failed.raw, failed.headers) == {"task_id": "task-failed", "state": "FAILURE", "error": "boom"}
     assert (ok.headers["webhook-id"], failed.headers["webhook-id"]) == ("task-ok", "task-failed")
+
+
+def test_the_readme_receiver_snippet_verifies_a_real_callback_and_refuses_a_forged_one(callback_receiver):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    snippet = readme.split("### Signed callbacks", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(snippet.replace('"whsec_..."', repr(NEW)), "README.md", "exec"), namespace)
+    client(f"{OLD} {NEW}").send(callback_receiver.url, {"task_id": "t-r", "result": "r"}, None, webhook_id="t-r")
+    seen = callback_receiver.wait_for(1)[0]
+    headers = {name.title(): value for name, value in seen.headers.items()}  # as a web framework may spell them
+    assert namespace["handle"](seen.raw, headers) == {"task_id": "t-r", "result": "r"}
+    assert namespace["handle"](seen.raw, headers) is None  # a repeat
+    with pytest.raises(PermissionError):
+        namespace["handle"](seen.raw.replace(b'"r"}', b'"forged"}'), headers)
 
 
 # ---------------------------------------------------------------------------------- end to end
