@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from devtools.demo import send
+from devtools.servers import worker_env
 from forwarder import deps
 from forwarder.errors import ConfigError
 from forwarder.hooks import HookRunner
@@ -135,6 +138,23 @@ def test_the_secret_is_masked_wherever_settings_are_shown():
     assert config["FORWARDER_CALLBACK_SIGNING_SECRET"] == "***"
     assert_no_secret(json.dumps(config) + repr(settings), [OLD[6:], NEW[6:]])
     assert effective_config(Settings.from_env({}))["FORWARDER_CALLBACK_SIGNING_SECRET"] == ""
+
+
+def test_check_accepts_a_good_secret_and_stops_on_a_bad_one_without_showing_either():
+    def check(secret: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "forwarder", "check"], capture_output=True, text=True, timeout=60,
+                              env=worker_env(FORWARDER_CALLBACK_SIGNING_SECRET=secret), stdin=subprocess.DEVNULL)
+
+    good = check(f"{OLD} {NEW}")
+    assert good.returncode == 0 and "configuration OK" in good.stdout, good.stderr
+    assert_no_secret(good.stdout + good.stderr, [OLD[6:], NEW[6:]])
+    short = "whsec_" + base64.b64encode(b"sixteen byte key").decode()
+    bad = check(f"{OLD} {short}")
+    assert bad.returncode == 2, bad.stderr
+    (line,) = bad.stderr.strip().splitlines()
+    assert line == ("forwarder: configuration error: FORWARDER_CALLBACK_SIGNING_SECRET='<hidden>' secret 2 of 2 "
+                    "decodes to 16 bytes; at least 24 are required")
+    assert_no_secret(bad.stdout + bad.stderr, [OLD[6:], short[6:]])
 
 
 def test_no_secret_means_no_signer():
