@@ -8,7 +8,9 @@ supported, and a warning says so. A failed task gets a callback too (llm-engine 
 ``{"task_id", "state": "FAILURE", "error"}``.
 
 Unlike llm-engine: every attempt has a timeout, retries are bounded, the destination is checked
-against SSRF (``gateways.callback``), and the password is never logged.
+against SSRF (``gateways.callback``), and the password is never logged. With
+FORWARDER_CALLBACK_SIGNING_SECRET set, every attempt is signed (Standard Webhooks, as Replicate does) with
+the task id as ``webhook-id``, so a receiver can verify it and drop a repeat.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class CallbackHook:
         where = _host_of(url)
         body = response if state != "FAILURE" else failure_body(response, task_id)
         started = time.monotonic()
-        self.client.send(url, body, auth)
+        self.client.send(url, body, auth, webhook_id=task_id)
         logger.info(
             "callback for task %s delivered to %s in %.2f s", task_id, where, time.monotonic() - started
         )

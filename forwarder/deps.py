@@ -21,6 +21,7 @@ from forwarder.settings import Settings
 from gateways.callback import CallbackClient
 from gateways.firehose import FirehoseGateway
 from gateways.model_server import ModelClient
+from gateways.webhook_signing import WebhookSigner, parse_secrets
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ def callback_hook(settings: Settings) -> CallbackHook:
         attempts=settings.callback_attempts,
         allowed_hosts=settings.callback_allowed_hosts,
         pool_size=settings.pools.per_process_clients,
+        signer=callback_signer(settings),
     )
     has_default = bool(settings.callback_username or settings.callback_password)
     return CallbackHook(
@@ -101,6 +103,12 @@ def callback_hook(settings: Settings) -> CallbackHook:
         default_auth=(settings.callback_username, settings.callback_password) if has_default else None,
         user_id=settings.endpoint_user_id,
     )
+
+
+def callback_signer(settings: Settings) -> WebhookSigner | None:
+    """The callbacks' signer for FORWARDER_CALLBACK_SIGNING_SECRET (validated with the settings); None when unset."""
+    keys = parse_secrets(settings.callback_signing_secret)
+    return WebhookSigner(keys) if keys else None
 
 
 def firehose_gateway(settings: Settings) -> FirehoseGateway:

@@ -27,7 +27,9 @@ from forwarder.health import (
 )
 from forwarder.pool_bootstrap import DEFAULT_POOL, POOL_ENV, POOLS
 from forwarder.pools import PoolSizes, pool_sizes
+from forwarder.request_ttl import parse_ttl
 from gateways.dogstatsd import parse_url as parse_dogstatsd_url
+from gateways.webhook_signing import normalize_secrets
 
 RESULT_FORMATS = ("wrapped", "raw")
 LOG_FORMATS = ("text", "json")
@@ -208,6 +210,7 @@ VARS: tuple[Var, ...] = (
     Var("FORWARDER_MAX_RESPONSE_BYTES", str(64 * MIB), _positive_int, "Largest model answer read, in bytes (default 64 MiB). A larger one is refused by its Content-Length before its body is read, or cut off as soon as the bytes counted pass the limit (its connection closed, not drained); that task fails with ModelResponseTooLarge, never retried.", "max_response_bytes"),
     Var("FORWARDER_MAX_RESULT_BYTES", str(128 * MIB), _positive_int, "Largest task result stored, in bytes of its JSON encoding (default 128 MiB: twice the default answer limit, since the wrapped format re-encodes the answer as a string and escaping grows it). A larger one fails that task with ResultTooLarge before the store. Redis holds at most 512 MiB in one value; S3, 5 GB.", "max_result_bytes"),
     Var("FORWARDER_RESULT_FORMAT", "wrapped", _choice(*RESULT_FORMATS), 'wrapped: {"result": "<model JSON as a string>", "status_code": N} (llm-engine default); raw: the model JSON, payload forwarded whole.', "result_format"),
+    Var("FORWARDER_REQUEST_TTL", "", parse_ttl, "Seconds a request may wait in the queue, from its producer's arrival timestamp to its start (SageMaker async: RequestTTLSeconds). An older one is not sent to the model: stored as a FAILURE (RequestExpired), hooks run. A timestamp without a zone (llm-engine's datetime.now()) is read as the worker's local time, UTC in Kubernetes: producer and worker must share a timezone. Unset: no limit, as llm-engine.", "request_ttl"),
     Var("FORWARDER_MAX_DELIVERIES", "3", _non_negative_int, "Deliveries of one task whose worker died (OOM kill, crash) before the next is refused: stored as a FAILURE, hooks run, acked (0: never refuse). Redis broker: counted in the broker's Redis; SQS: ApproximateReceiveCount.", "max_deliveries"),
     Var("FORWARDER_MODEL_OUTAGE_MAX", "900", _positive_float, "Seconds a task taken waits in place for a model server that went away (refused, reset, connect timeout or a proxy's empty 502/503/504, and its readiness failing too) before it is handed back to the queue, unrun. Intake stops while the model is away; a warm shutdown hands waiting tasks back at once. Must stay below CELERY_BROKER_VISIBILITY_TIMEOUT less the model timeouts.", "model_outage_max"),
     Var("FORWARDER_RETRY_STATUSES", "", _statuses, "Comma-separated HTTP statuses of the model's answer that are sent again in place (e.g. 429,503), after the answer's Retry-After (at most FORWARDER_RETRY_BACKOFF_MAX) or the backoff, up to FORWARDER_RETRY_MAX times; the last answer is stored. Empty: every status is stored as the result, as llm-engine does.", "retry_statuses"),
@@ -232,6 +235,7 @@ VARS: tuple[Var, ...] = (
     Var("FORWARDER_CALLBACK_ALLOWED_HOSTS", "", _csv, "Callback allow-list: host names, IPs or CIDRs (comma-separated). Unset: any public address; loopback, link-local, private and metadata addresses are refused.", "callback_allowed_hosts"),
     Var("FORWARDER_CALLBACK_TIMEOUT", "10", _positive_float, "Seconds for one callback attempt (connect and read).", "callback_timeout"),
     Var("FORWARDER_CALLBACK_RETRIES", "3", _positive_int, "Callback attempts in all (on connection errors and 5xx), with exponential backoff.", "callback_attempts"),
+    Var("FORWARDER_CALLBACK_SIGNING_SECRET", "", normalize_secrets, "Sign every callback in the Standard Webhooks scheme (as Replicate does): whsec_ followed by the base64 of a key of at least 24 bytes; several, space-separated, during a rotation (one signature each). Adds webhook-id (the task id), webhook-timestamp and webhook-signature. Unset: callbacks unsigned, as llm-engine sends them. Never shown.", "callback_signing_secret"),
     Var("FIREHOSE_STREAM_NAME", "", _text, "Firehose delivery stream of the logging hook.", "firehose_stream_name"),
     Var("FIREHOSE_ROLE_ARN", "", _text, "Role assumed (STS) for Firehose; unset: the default credential chain.", "firehose_role_arn"),
     Var("FIREHOSE_SESSION_DURATION", "3600", lambda raw: _bounded_int(raw, 900, 43200), "Assume-role session length in seconds (900-43200); an hour avoids botocore's 15-minute refresh on every call.", "firehose_session_duration"),
@@ -287,6 +291,7 @@ class Settings:
     max_response_bytes: int
     max_result_bytes: int
     result_format: str
+    request_ttl: float | None
     max_deliveries: int
     model_outage_max: float
     retry_statuses: tuple[int, ...]
@@ -309,6 +314,7 @@ class Settings:
     callback_allowed_hosts: tuple[str, ...]
     callback_timeout: float
     callback_attempts: int
+    callback_signing_secret: str = field(repr=False)
     firehose_stream_name: str
     firehose_role_arn: str
     firehose_session_duration: int

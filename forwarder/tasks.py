@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from billiard.einfo import ExceptionWithTraceback
@@ -26,6 +28,7 @@ from forwarder.extensions.delivery_cap import RECEIVE_COUNT_KEY
 from forwarder.model_attempts import call_model
 from forwarder.model_call import note_model_call
 from forwarder.payload import error_payload, format_trace, plan_request, shape_result
+from forwarder.request_ttl import RequestExpired, expired_by, parse_arrival
 from gateways.errors import GatewayError, release_exception
 
 logger = logging.getLogger(__name__)
@@ -45,7 +48,8 @@ _NO_REQUEST: Any = object()
 def exec_func(payload: Any = _NO_REQUEST, arrival_timestamp: Any = None, *ignored_args: Any, **kwargs: Any) -> Any:
     """Forward one request to the model and return the result to store.
 
-    ``arrival_timestamp`` and further positional args (``return_pickled``) are accepted and unused;
+    ``arrival_timestamp`` bounds a wait for the model through an outage (``FORWARDER_REQUEST_TTL``); further
+    positional args (``return_pickled``) are accepted and unused;
     tracing kwargs are ignored (ddtrace continues a producer's trace from Celery's headers itself, see
     ``extensions.trace_errors``); its steps are spans (``forwarder.tracing``).
     """
@@ -60,13 +64,28 @@ def exec_func(payload: Any = _NO_REQUEST, arrival_timestamp: Any = None, *ignore
     started = time.monotonic()
     try:
         with tracing.step(tracing.MODEL, task_id) as span:
-            call = call_model(current.model, plan.body, current.outage, current.retry_policy, task_id or "")
+            expiry = _expiry_check(arrival_timestamp, current.settings.request_ttl)
+            call = call_model(current.model, plan.body, current.outage, current.retry_policy, task_id or "", expiry)
             answer, status_code, seconds = call.answer, call.answer.status_code, call.seconds
             tracing.tag(span, **{"http.status_code": answer.status_code, "forwarder.model.answer_bytes": answer.size,
                                  "forwarder.model.waited_seconds": round(call.waited, 3)})
     finally:  # for the task log line and the metrics (forwarder.model_call), whatever the outcome
         note_model_call(status_code, seconds if seconds is not None else time.monotonic() - started)
     return shape_result(answer.body, answer.status_code, plan, max_bytes=current.settings.max_result_bytes)
+
+
+def _expiry_check(arrival_timestamp: Any, ttl: float | None) -> Callable[[], None] | None:
+    """While the task waits out a model outage: raise RequestExpired once its request is older than the TTL
+    (the same check ``extensions.expiry`` makes as the task starts)."""
+    if ttl is None or parse_arrival(arrival_timestamp) is None:
+        return None
+
+    def check() -> None:
+        reason = expired_by(arrival_timestamp, datetime.now(UTC), ttl)
+        if reason is not None:
+            raise RequestExpired(reason)
+
+    return check
 
 
 class CheckedRequest(Request):

@@ -21,6 +21,10 @@ with exponential backoff and jitter up to ``attempts`` in all; other answers are
 logs name the destination as ``host:port`` only (never the path or query, which may carry tokens) and
 never contain the password or the Authorization header.
 
+With a ``WebhookSigner`` (``gateways.webhook_signing``) every attempt is signed in the Standard Webhooks
+scheme: the same ``webhook-id`` on each attempt, a fresh ``webhook-timestamp``, and a signature of the exact
+bytes sent.
+
 Residual risks (documented, not handled): the timeouts bound each connect and each socket read, not the
 whole attempt, so a server trickling its status line byte by byte can hold a slot longer than the
 timeout (the response body is read for at most ``timeout`` seconds and 64 KiB); an allow-listed host
@@ -51,6 +55,7 @@ from urllib3.util import connection as urllib3_connection
 
 from gateways.cached_client import CachedClient
 from gateways.errors import GatewayError, release_exception
+from gateways.webhook_signing import WebhookSigner
 
 logger = logging.getLogger(__name__)
 
@@ -319,6 +324,7 @@ class CallbackClient:
         backoff: seconds before the second attempt; doubles each time (with jitter), at most 30 s.
         pool_size: kept-alive connections per callback host (the worker's concurrency).
         verify: TLS verification: True (system/certifi CAs), or a CA bundle path.
+        signer: signs every attempt (Standard Webhooks headers, a fresh timestamp each time); None: unsigned.
     """
 
     def __init__(
@@ -330,6 +336,7 @@ class CallbackClient:
         backoff: float = BACKOFF_INITIAL,
         pool_size: int = 10,
         verify: bool | str = True,
+        signer: WebhookSigner | None = None,
     ) -> None:
         if attempts < 1:
             raise ValueError("attempts must be >= 1")
@@ -337,18 +344,25 @@ class CallbackClient:
         self.attempts = attempts
         self.backoff = backoff
         self.guard = DestinationGuard(allowed_hosts)
+        self.signer = signer
         self.session = CachedClient(
             "callback-http-session", lambda: (build_session(self.guard, pool_size, verify), None)
         )
 
-    def send(self, url: str, body: dict[str, Any], auth: tuple[str, str] | None) -> None:
+    def send(self, url: str, body: dict[str, Any], auth: tuple[str, str] | None, webhook_id: str = "") -> None:
         """POST ``body`` as JSON to ``url``, with HTTP basic ``auth`` if given; return on a 2xx answer.
+
+        With a signer, every attempt carries ``webhook-id`` (``webhook_id``, the same on every attempt),
+        its own ``webhook-timestamp`` and the ``webhook-signature`` of the exact bytes sent.
 
         Raises:
             CallbackRefused: the destination is not allowed (nothing was sent).
-            CallbackError: no 2xx answer after the allowed attempts, or a final (3xx/4xx) answer.
+            CallbackError: no 2xx answer after the allowed attempts, or a final (3xx/4xx) answer; or a
+                signer is set and ``webhook_id`` is not a valid webhook id (nothing was sent).
         """
         target = self.guard.check_url(url)
+        if self.signer is not None and not self.signer.valid_id(webhook_id):
+            raise CallbackError(f"callback to {target.where} not sent: {webhook_id[:64]!r} is not a valid webhook id")
         try:
             data = json.dumps(body, separators=(",", ":")).encode()
         except (TypeError, ValueError) as exc:
@@ -364,6 +378,8 @@ class CallbackClient:
             secrets = [s for s in (password, token) if len(s) >= 4]
         reason = ""
         for attempt in range(1, self.attempts + 1):
+            if self.signer is not None:  # signed now: each attempt has its own timestamp
+                headers.update(self.signer.headers(webhook_id, data))
             status, reason = self._attempt(target, data, headers)
             if status is not None and 200 <= status < 300:
                 logger.debug("callback to %s answered HTTP %d (attempt %d)", target.where, status, attempt)

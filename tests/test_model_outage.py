@@ -27,6 +27,7 @@ from tests.support.faults import (
     send,
     sqs_counts,
     statuses,
+    wait_error_meta,
     wait_final,
 )
 
@@ -228,3 +229,26 @@ def test_a_proxy_503_with_no_body_is_an_outage(spawn, producer, results, queue, 
     meta = wait_final(results, [task], 30, [worker])[task]
     assert meta["status"] == "SUCCESS" and meta["result"]["status_code"] == 200
 
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_a_task_waiting_on_an_outage_past_its_ttl_expires_instead_of_running(
+    pool, spawn, producer, results, queue, model_process, tmp_path
+):
+    # Given a worker holding a task for a model that is down, with a request TTL of 6 s
+    port, log = free_port(), tmp_path / "requests.log"
+    model = model_process(port, str(log))
+    worker = spawn(pool, **model_url_env(port), FORWARDER_REQUEST_TTL="6")
+    model.kill()
+    task = send(producer, queue, {"args": {"id": "late"}})
+    worker.wait_for_log("model server unreachable", timeout=30)
+
+    # When the TTL passes while it waits, and the model comes back afterwards
+    meta = wait_error_meta(results, [task], 30, [worker])[task]
+    model_process(port, str(log))
+
+    # Then it failed as expired, never reaching the model, and the worker serves on once the model is back
+    assert meta["status"] == "FAILURE" and meta["result"]["exc_type"] == "RequestExpired", meta
+    again = send(producer, queue, {"args": {"id": "fresh"}})
+    assert wait_final(results, [again], 60, [worker])[again]["status"] == "SUCCESS"
+    assert requests_seen(log) == collections.Counter({"fresh": 1})

@@ -28,6 +28,7 @@ from __future__ import annotations
 from forwarder.extensions.base import Extension, Extensions
 from forwarder.extensions.close_clients import CloseClients
 from forwarder.extensions.delivery_cap import CapDeliveries
+from forwarder.extensions.expiry import ExpireOldRequests
 from forwarder.extensions.memory_debug import MemoryDebug
 from forwarder.extensions.metrics import TaskMetrics
 from forwarder.extensions.model_outage import PauseIntakeWhileModelAway
@@ -58,6 +59,7 @@ def default_extensions() -> Extensions:
             HealthProbes(),  # files for `probe live|ready`: a heartbeat from the consumer's loop, ready/stopping marks
             PauseIntakeWhileModelAway(),  # model server away: no intake, taken tasks wait in place (model_outage)
             FlagFailuresInTrace(),  # ddtrace: a failed task's span is an error
+            ExpireOldRequests(),  # FORWARDER_REQUEST_TTL: a request that waited too long: stored FAILURE, unrun
             CapDeliveries(),  # a message whose deliveries all killed their worker: refused, stored FAILURE
             HandBackOnShutdown(),  # warm shutdown: requeue, unrun, a task that would start now
         ]

@@ -4,7 +4,7 @@ Every metric is listed, with its type and tags, in the README's "Metrics" sectio
 or fails a task (``gateways.dogstatsd``); ``FORWARDER_METRICS=0`` sends nothing.
 
 - Per task, in the process that runs it: ``received`` and ``stuck`` before the body runs (every attempt,
-  refused and retried ones included; stuck: the producer's arrival timestamp is older than
+  refused, expired and retried ones included; stuck: the producer's arrival timestamp is older than
   ``FORWARDER_STUCK_AFTER`` when the task starts), the outcome and the end-to-end latency once it is done.
 - Per hook (``hooks.HookRunner``'s observer): attempt, success (delivered), skipped, failure.
 - Firehose client builds and their failures, STS apart (``FirehoseGateway``'s observer), in the process that
@@ -32,6 +32,7 @@ from forwarder.extensions.delivery_cap import PoisonMessage
 from forwarder.extensions.redelivery import messages_restored
 from forwarder.model_call import model_call
 from forwarder.model_outage import ENDED, STARTED, outage_changed
+from forwarder.request_ttl import RequestExpired
 from forwarder.settings import Settings
 from gateways.dogstatsd import Metrics
 from gateways.firehose import BUILD_FAILED, CLIENT_BUILT, STS_FAILED
@@ -48,6 +49,7 @@ SUCCEEDED = PREFIX + "task.succeeded"
 FAILED = PREFIX + "task.failed"
 RETRIED = PREFIX + "task.retried"
 REFUSED = PREFIX + "task.refused"
+EXPIRED = PREFIX + "task.expired"
 HANDED_BACK = PREFIX + "task.handed_back"
 END_TO_END = PREFIX + "task.end_to_end_seconds"
 HOOK_FAILED = PREFIX + "hook.failed"
@@ -167,6 +169,8 @@ class TaskMetrics(Extension):
             self.metrics.increment(FAILED, tags=[*tags, f"exc_type:{exc_type}"])
             if isinstance(retval, PoisonMessage):
                 self.metrics.increment(REFUSED, tags=tags)
+            elif isinstance(retval, RequestExpired):
+                self.metrics.increment(EXPIRED, tags=tags)
             outcome = "failure"
         elif state == states.RETRY:
             self.metrics.increment(RETRIED, tags=tags)
