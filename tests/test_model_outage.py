@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from devtools.servers import WorkerProcess, free_port, wait_for
+from tests.support.dogstatsd import statsd_env
 from tests.support.faults import *  # noqa: F403  (fixtures: spawn, results, broker, model_process, ...)
 from tests.support.faults import (
     POOLS,
@@ -214,10 +215,11 @@ def test_503_with_retry_after_is_sent_again_when_opted_in_and_stored_otherwise(
     assert own_model.behaviour.requests["stored"] == 1
 
 
-def test_a_proxy_503_with_no_body_is_an_outage(spawn, producer, results, queue, own_model):
+def test_a_proxy_503_with_no_body_is_an_outage_and_the_metrics_tell_it(spawn, producer, results, queue, own_model,
+                                                                       agent):
     # Given a model behind a proxy that answers 503 with no body, readiness failing too
     own_model.behaviour.mode, own_model.behaviour.status = "empty", 503
-    worker = spawn("gevent", **model_env(own_model))
+    worker = spawn("gevent", **model_env(own_model), **statsd_env(agent.port))
     own_model.behaviour.ready = False
     task = send(producer, queue, {"args": {"id": "behind-proxy"}})
     worker.wait_for_log("model server unreachable", timeout=30)
@@ -225,9 +227,15 @@ def test_a_proxy_503_with_no_body_is_an_outage(spawn, producer, results, queue, 
     assert read_metas(results, [task]).get(task, {}).get("status") in (None, "STARTED")
 
     # When the model behind it is back, the task succeeds
+    agent.wait("forwarder.model.outages", 1, f"queue:{queue}", "pool:gevent")
+    wait_for(lambda: any(p.value == 1 for p in agent.named("forwarder.model.waiting")), 10, "the waiting gauge at 1")
+    assert [p.value for p in agent.named("forwarder.model.available")][-1] == 0
     own_model.behaviour.mode, own_model.behaviour.status, own_model.behaviour.ready = "json", 200, True
     meta = wait_final(results, [task], 30, [worker])[task]
     assert meta["status"] == "SUCCESS" and meta["result"]["status_code"] == 200
+    wait_for(lambda: agent.named("forwarder.model.outage_seconds"), 10, "the outage's length")
+    assert agent.named("forwarder.model.outage_seconds")[0].value >= 3
+    assert [p.value for p in agent.named("forwarder.model.available")][-1] == 1
 
 
 
