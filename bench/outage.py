@@ -12,7 +12,8 @@ Reported per worker: failed tasks, duplicate model calls (a request id the model
 the models' request logs), and the extra latency of the tasks the outage caught. JSON and a timeline PNG under
 bench/results/ (``outage.json``, ``outage.png``).
 
-Run: ``python -m bench.outage [--outage 120] [--rate 2] [--pools gevent,prefork] [--quick]``.
+Run: ``python -m bench.outage [--outage 120] [--rate 2] [--pools gevent,prefork] [--quick]``; the 10 min outage of
+bench/results/outage-600s.*: ``make outage OUTAGE_ARGS="--outage 600"`` (about 25 min: llm-engine's retries run on).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from devtools.servers import RedisServer, worker_env
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASK_NAME = "ml_serve.celery_service.exec_func"
+DEFAULT_OUTAGE = 120.0
 PROGRAMS = {"forwarder": ("forwarder", {}), "llm-engine retries": ("bare", {"BARE_LLM_ENGINE_RETRIES": "1"})}
 
 
@@ -198,7 +200,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.outage", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--outage", type=float, default=120.0, help="seconds the model stays down")
+    parser.add_argument("--outage", type=float, default=DEFAULT_OUTAGE, help="seconds the model stays down "
+                        "(results: outage.json/png for the default, outage-<N>s.json/png otherwise)")
     parser.add_argument("--rate", type=float, default=2.0, help="tasks sent per second to each worker")
     parser.add_argument("--pools", default="gevent,prefork")
     parser.add_argument("--quick", action="store_true", help="a 20 s outage, gevent only (a smoke run)")
@@ -206,12 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     outage, pools = (20.0, ["gevent"]) if args.quick else (args.outage, args.pools.split(","))
     # Settle: llm-engine's settings retry 180 s apart, three times: a task caught at the end can take 540 s more.
-    data = run_outage(pools, outage, args.rate, before=20.0, after=20.0, settle=600.0)
+    data = run_outage(pools, outage, args.rate, before=20.0, after=20.0, settle=660.0)
     data["meta"] = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "pools": pools}
     out = args.out / "quick" if args.quick else args.out
     out.mkdir(parents=True, exist_ok=True)
-    (out / "outage.json").write_text(json.dumps(data, indent=1) + "\n")
-    plot(data, out / "outage.png")
+    name = "outage" if outage == DEFAULT_OUTAGE or args.quick else f"outage-{outage:g}s"  # other lengths beside it
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    plot(data, out / f"{name}.png")
     for row in data["summary"]:
         print(json.dumps(row))
     return 0
