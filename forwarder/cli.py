@@ -1,7 +1,7 @@
 """Command line: run the worker (default), ``check`` the environment, ``probe`` it, or run the local ``demo``.
 
 Exit statuses: 0 done, 2 invalid configuration, 3 model server not ready, 1 anything else (``probe``: the
-probe failed). ``python -m forwarder probe ...`` does not come through here: ``__main__`` sends it to
+probe failed). ``probe`` does not come through here when launched: ``forwarder.launch`` sends it to
 ``forwarder.health`` before anything else is imported; ``main(["probe", ...])`` runs the same code.
 """
 
@@ -26,10 +26,10 @@ EXIT_NOT_READY = 3
 logger = logging.getLogger("forwarder")
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(prog: str = "python -m forwarder") -> argparse.ArgumentParser:
     """The argument parser; configuration itself comes only from the environment."""
     root = argparse.ArgumentParser(
-        prog="python -m forwarder",
+        prog=prog,
         description="Celery worker that forwards llm-engine async tasks to a model HTTP server. "
         "Configured only through environment variables:",
         epilog=describe(),
@@ -46,9 +46,10 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
+         prog: str = "python -m forwarder") -> int:
     """Parse the command, load settings and run it; returns the exit status."""
-    args = parser().parse_args(argv)
+    args = parser(prog).parse_args(argv)
     env = os.environ if environ is None else environ
     if args.command == "probe":
         return run_probe(args.check, env)

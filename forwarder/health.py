@@ -145,7 +145,7 @@ def run_probe(which: str, environ: Mapping[str, str]) -> int:
 
 
 def add_probe_parser(commands: argparse._SubParsersAction) -> None:
-    """The ``probe`` subcommand (shared by ``cli.parser`` and the stdlib-only path in ``__main__``)."""
+    """The ``probe`` subcommand (shared by ``cli.parser`` and the stdlib-only path in ``forwarder.launch``)."""
     probe = commands.add_parser(
         "probe",
         help="Kubernetes probe: exit 0 if the worker is live/ready, 1 if not (no Celery, no broker)",
@@ -157,9 +157,10 @@ def add_probe_parser(commands: argparse._SubParsersAction) -> None:
     probe.add_argument("check", choices=PROBES, help="which probe")
 
 
-def probe_main(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
-    """``python -m forwarder probe ...`` without loading the worker (called from ``__main__``)."""
-    root = argparse.ArgumentParser(prog="python -m forwarder")
+def probe_main(argv: Sequence[str], environ: Mapping[str, str] | None = None,
+               prog: str = "python -m forwarder") -> int:
+    """``python -m forwarder probe ...`` without loading the worker (called from ``forwarder.launch``)."""
+    root = argparse.ArgumentParser(prog=prog)
     add_probe_parser(root.add_subparsers(dest="command"))
     args = root.parse_args(list(argv))
     return run_probe(args.check, os.environ if environ is None else environ)
