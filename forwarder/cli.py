@@ -18,8 +18,9 @@ from forwarder.errors import ConfigError
 from forwarder.health import add_probe_parser, run_probe
 from forwarder.pool_bootstrap import EXIT_CONFIG
 from forwarder.pools import ensure_open_files
-from forwarder.settings import describe, load_settings, safe_url
+from forwarder.settings import describe, load_settings
 from forwarder.shutdown_budget import grace_period_parts
+from forwarder.urls import safe_url
 from gateways.model_server import ModelNotReady
 
 EXIT_NOT_READY = 3
