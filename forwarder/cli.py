@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from forwarder import __version__
 from forwarder.errors import ConfigError
-from forwarder.health import add_probe_parser, run_probe
+from forwarder.health import HealthFiles, add_probe_parser, run_probe
 from forwarder.pool_bootstrap import EXIT_CONFIG
 from forwarder.pools import ensure_open_files
 from forwarder.settings import describe, load_settings
@@ -81,6 +81,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         for warning in settings.warnings:
             print(f"forwarder: warning: {warning}")
         return 0
+    try:
+        # Before anything else, and before the wait for the model: files a previous container left in the folder
+        # (an emptyDir outlives its containers) must not pass this one's startup or readiness probe.
+        HealthFiles(settings.health_dir).reset()
+    except OSError as exc:
+        print(f"forwarder: configuration error: FORWARDER_HEALTH_DIR={settings.health_dir!r} cannot be written "
+              f"({exc.strerror or exc})", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         from forwarder.worker import run_worker
 
