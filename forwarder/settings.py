@@ -216,6 +216,7 @@ VARS: tuple[Var, ...] = (
     Var("FIREHOSE_REFRESH_LEEWAY", "600", _non_negative_float, "Rebuild the Firehose client this many seconds before its credentials expire.", "firehose_refresh_leeway"),
     Var("FIREHOSE_CLIENT_MAX_POOL_CONNECTIONS", "", _optional_positive_int, "Connection pool of the Firehose client (unset: the tasks one process runs at once, plus a margin, at least 10).", "firehose_max_pool_connections"),
     # --- metrics (DogStatsD)
+    Var("FORWARDER_SUMMARY_INTERVAL", "60", _non_negative_float, "Seconds between the summary lines in the log: tasks done, failed and retried over the interval, in flight now, and the model's p50/p99 latency (0: no summary line).", "summary_interval"),
     Var("FORWARDER_METRICS", "1", _bool, "Send DogStatsD metrics to the local Datadog agent (0: none). Sending never blocks a task: a packet nobody takes is dropped.", "metrics"),
     Var("FORWARDER_STUCK_AFTER", "86400", _positive_float, "Seconds after its arrival (the producer's timestamp) at which a task that starts counts as stuck (scale_launch.async_task.stuck.count; llm-engine: a day).", "stuck_after"),
     Var("DD_AGENT_HOST", "localhost", lambda raw: raw.strip() or "localhost", "Host of the Datadog agent's DogStatsD (the node's IP in Kubernetes).", "dd_agent_host"),
@@ -292,6 +293,7 @@ class Settings:
     firehose_refresh_leeway: float
     firehose_max_pool_connections: int | None
     aws_region: str
+    summary_interval: float
     metrics: bool
     stuck_after: float
     dd_agent_host: str
