@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help demo demo-gevent test test-fast lint lock bench soak scale sizing capacity clean
+.PHONY: help demo test test-fast lint lock bench soak scale sizing capacity clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
@@ -43,8 +43,8 @@ scale: $(STAMP)  ## gevent at concurrency 32-1024 against a 1 s model (prefork 3
 sizing: $(STAMP)  ## what a pod needs: memory (MiB) and start-up, prefork/gevent, with and without ddtrace-run, ~2-4 min
 	$(PY) -m bench.run --only sizing $(BENCH_ARGS)
 
-capacity: $(STAMP)  ## simulate KEDA scaling on queue depth (a burst, a steady load), seconds; --plan: bench/capacity.py
-	$(PY) -m bench.capacity $(CAPACITY_ARGS)
+capacity: $(STAMP)  ## simulate KEDA scaling on queue depth, seconds; writes bench/results/local/ (untracked)
+	$(PY) -m bench.capacity --out bench/results/local $(CAPACITY_ARGS)
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .ruff_cache .pytest_cache .mypy_cache

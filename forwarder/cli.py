@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from forwarder import __version__
 from forwarder.errors import ConfigError
-from forwarder.health import HealthFiles, add_probe_parser, run_probe
+from forwarder.health import HealthFiles, add_probe_parser, require_probe, run_probe
 from forwarder.pool_bootstrap import EXIT_CONFIG
 from forwarder.pools import ensure_open_files
 from forwarder.settings import describe, load_settings
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     args = parser(prog).parse_args(argv)
     env = os.environ if environ is None else environ
     if args.command == "probe":
-        return run_probe(args.check, env)
+        return run_probe(require_probe(args), env)
     if args.command == "demo":
         try:  # dev tooling: in a source checkout, never in the image
             from devtools.demo import run_demo

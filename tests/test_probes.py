@@ -204,3 +204,16 @@ def test_an_unwritable_health_folder_stops_the_worker_with_one_line(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert "FORWARDER_HEALTH_DIR=" in line and "cannot be written" in line
+
+
+def test_probe_without_its_argument_prints_a_usage_line(tmp_path):
+    for command in ([sys.executable, "-m", "forwarder", "probe"],):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30,
+                              env=worker_env(FORWARDER_HEALTH_DIR=str(tmp_path)))
+        assert done.returncode == 2
+        lines = done.stderr.strip().splitlines()
+        assert lines[0] == "usage: python -m forwarder probe {live,ready}", lines
+        assert "name the probe: live" in lines[1] and "required: check" not in done.stderr
+    with pytest.raises(SystemExit) as exited:  # the same through the full command line
+        cli_main(["probe"], {"FORWARDER_HEALTH_DIR": str(tmp_path)})
+    assert exited.value.code == 2
