@@ -185,6 +185,13 @@ def test_the_configmaps_env_passes_the_workers_check(overlay: str) -> None:
     assert not set(envs) & set(env)
 
 
+def test_a_misspelt_variable_stops_the_deployed_worker() -> None:
+    env = worker_env("redis")
+    assert env["FORWARDER_STRICT_ENV"] == "1"
+    done = check({**env, "FORWARDER_HOOK": "callback"})
+    assert done.returncode == 2 and "FORWARDER_HOOK is not a variable this worker reads (did you mean FORWARDER_HOOKS?)" in done.stderr
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_probe_commands_exist(overlay: str) -> None:
     forwarder = container(render(DEPLOY / overlay))
