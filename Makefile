@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help demo demo-gevent test test-fast lint lock bench soak scale sizing capacity outage clean
+.PHONY: help demo test test-fast lint lock bench soak scale sizing capacity outage clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
@@ -46,8 +46,8 @@ sizing: $(STAMP)  ## what a pod needs: memory (MiB) and start-up, prefork/gevent
 outage: $(STAMP)  ## the model SIGKILLed for 2 min under load: this worker beside llm-engine's retries, both pools, ~7 min
 	$(PY) -m bench.outage $(OUTAGE_ARGS)
 
-capacity: $(STAMP)  ## simulate KEDA scaling on queue depth (a burst, a steady load), seconds; --plan: bench/capacity.py
-	$(PY) -m bench.capacity $(CAPACITY_ARGS)
+capacity: $(STAMP)  ## simulate KEDA scaling on queue depth, seconds; writes bench/results/local/ (untracked)
+	$(PY) -m bench.capacity --out bench/results/local $(CAPACITY_ARGS)
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .ruff_cache .pytest_cache .mypy_cache

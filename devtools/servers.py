@@ -117,7 +117,8 @@ class ModelBehaviour:
     answer ``{"text": "aaa..."}`` of ``huge_bytes`` bytes with its Content-Length), ``huge-chunked``
     (the same, chunked, with no Content-Length; huge answers are streamed, never built in memory) or
     ``empty`` (no body, as a proxy answers while the model behind it is away).
-    ``mode_by_id``: request ``id`` -> the mode for that request alone (the others follow ``mode``).
+    ``mode_by_id``: request ``id`` -> the mode for that request alone (the others follow ``mode``); likewise
+    ``status_by_id`` for the status.
     ``huge_sent``/``huge_cut``: huge answers sent whole, and cut off because the client closed first.
     """
 
@@ -126,6 +127,7 @@ class ModelBehaviour:
         self.status = 200
         self.mode = "json"
         self.mode_by_id: dict[str, str] = {}
+        self.status_by_id: dict[str, int] = {}
         self.huge_bytes = 200_000_000
         self.huge_sent = 0
         self.huge_cut = 0
@@ -238,20 +240,21 @@ class _ModelHandler(QuietHandler):
             self.wfile.write(b'{"error": "overload"}')
             return
         mode = behaviour.mode_by_id.get(key, behaviour.mode)
+        status = behaviour.status_by_id.get(key, behaviour.status)
         try:
             if mode == "hang":
                 time.sleep(3600)
             if behaviour.delay:
                 time.sleep(behaviour.delay)
             if mode == "text":
-                self._send(behaviour.status, b"<html>oops, not json</html>", "text/html")
+                self._send(status, b"<html>oops, not json</html>", "text/html")
             elif mode == "empty":  # a proxy whose model is away: a status and no body
-                self._send(behaviour.status, b"", "text/plain")
+                self._send(status, b"", "text/plain")
             elif mode in ("huge", "huge-chunked"):
-                self._send_huge(behaviour.status, behaviour.huge_bytes, chunked=mode == "huge-chunked")
+                self._send_huge(status, behaviour.huge_bytes, chunked=mode == "huge-chunked")
             else:
                 answer = {"echo": body, "model": "example", "length": len(raw)}
-                self._send(behaviour.status, json.dumps(answer).encode())
+                self._send(status, json.dumps(answer).encode())
         finally:
             with behaviour.lock:
                 behaviour.in_flight -= 1
@@ -326,6 +329,51 @@ class ModelServer:
     def start(self) -> ModelServer:
         handler = type("Handler", (_ModelHandler,), {"behaviour": self.behaviour})
         self._server = serve_http(handler, self.port, name="model-server")
+        return self
+
+    def stop(self) -> None:
+        stop_http(self._server)
+        self._server = None
+
+
+class _CallbackHandler(QuietHandler):
+    server_ref: CallbackServer
+
+    def do_POST(self) -> None:
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError:
+            body = None
+        with self.server_ref.lock:
+            self.server_ref.bodies.append(body)
+        self._send_ok()
+
+    def _send_ok(self) -> None:
+        payload = b'{"ok": true}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+class CallbackServer:
+    """A caller's callback endpoint on 127.0.0.1 (the demo's): records the JSON body of every POST."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.bodies: list[Any] = []
+        self.lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> CallbackServer:
+        handler = type("Handler", (_CallbackHandler,), {"server_ref": self})
+        self._server = serve_http(handler, self.port, name="callback-server")
         return self
 
     def stop(self) -> None:

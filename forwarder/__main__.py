@@ -1,21 +1,10 @@
 """Entry point: ``python -m forwarder`` (production: ``ddtrace-run python -m forwarder``).
 
-The pool bootstrap must run first: it patches gevent before anything imports a socket. Except for
-``probe``, which Kubernetes runs every few seconds: it reads two files (``forwarder.health``, standard
-library only) and exits, loading neither gevent nor Celery.
+The same as the ``celery-forwarder`` console script: both run ``forwarder.launch.main``, which runs the pool
+bootstrap (the gevent patch) before anything else is imported, and sends ``probe`` to the stdlib-only
+``forwarder.health``.
 """
 
-import sys
+from forwarder.launch import MODULE_PROG, main
 
-if sys.argv[1:2] == ["probe"]:
-    from forwarder.health import probe_main
-
-    raise SystemExit(probe_main(sys.argv[1:]))
-
-from forwarder.pool_bootstrap import bootstrap  # noqa: E402
-
-POOL = bootstrap()
-
-from forwarder.cli import main  # noqa: E402  (must follow the gevent patch)
-
-raise SystemExit(main())
+raise SystemExit(main(prog=MODULE_PROG))

@@ -1,7 +1,7 @@
 """Command line: run the worker (default), ``check`` the environment, ``probe`` it, or run the local ``demo``.
 
 Exit statuses: 0 done, 2 invalid configuration, 3 model server not ready, 1 anything else (``probe``: the
-probe failed). ``python -m forwarder probe ...`` does not come through here: ``__main__`` sends it to
+probe failed). ``probe`` does not come through here when launched: ``forwarder.launch`` sends it to
 ``forwarder.health`` before anything else is imported; ``main(["probe", ...])`` runs the same code.
 """
 
@@ -15,21 +15,22 @@ from collections.abc import Mapping, Sequence
 
 from forwarder import __version__
 from forwarder.errors import ConfigError
-from forwarder.health import add_probe_parser, run_probe
+from forwarder.health import HealthFiles, add_probe_parser, require_probe, run_probe
 from forwarder.pool_bootstrap import EXIT_CONFIG
 from forwarder.pools import ensure_open_files
-from forwarder.settings import describe, load_settings, safe_url
+from forwarder.settings import describe, load_settings
 from forwarder.shutdown_budget import grace_period_parts
+from forwarder.urls import safe_url
 from gateways.model_server import ModelNotReady
 
 EXIT_NOT_READY = 3
 logger = logging.getLogger("forwarder")
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(prog: str = "python -m forwarder") -> argparse.ArgumentParser:
     """The argument parser; configuration itself comes only from the environment."""
     root = argparse.ArgumentParser(
-        prog="python -m forwarder",
+        prog=prog,
         description="Celery worker that forwards llm-engine async tasks to a model HTTP server. "
         "Configured only through environment variables:",
         epilog=describe(),
@@ -46,12 +47,13 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
+         prog: str = "python -m forwarder") -> int:
     """Parse the command, load settings and run it; returns the exit status."""
-    args = parser().parse_args(argv)
+    args = parser(prog).parse_args(argv)
     env = os.environ if environ is None else environ
     if args.command == "probe":
-        return run_probe(args.check, env)
+        return run_probe(require_probe(args), env)
     if args.command == "demo":
         try:  # dev tooling: in a source checkout, never in the image
             from devtools.demo import run_demo
@@ -81,6 +83,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         for warning in settings.warnings:
             print(f"forwarder: warning: {warning}")
         return 0
+    try:
+        # Before anything else, and before the wait for the model: files a previous container left in the folder
+        # (an emptyDir outlives its containers) must not pass this one's startup or readiness probe.
+        HealthFiles(settings.health_dir).reset()
+    except OSError as exc:
+        print(f"forwarder: configuration error: FORWARDER_HEALTH_DIR={settings.health_dir!r} cannot be written "
+              f"({exc.strerror or exc})", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         from forwarder.worker import run_worker
 

@@ -23,8 +23,12 @@ def is_secret_variable(name: str) -> bool:
 class ConfigError(ForwarderError):
     """An environment variable has an invalid value; the worker must not start."""
 
-    def __init__(self, variable: str, value: str, reason: str) -> None:
+    def __init__(self, variable: str, value: str | None, reason: str) -> None:
+        """``value`` None: the message shows no value (a variable this worker does not know may be a secret)."""
         self.variable = variable
+        if value is None:
+            super().__init__(f"{variable} {reason}")
+            return
         shown = value if len(value) <= 80 else value[:77] + "..."
         # Never echo a secret back: name the variable, and show the value only for non-secrets.
         if is_secret_variable(variable):

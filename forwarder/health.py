@@ -163,25 +163,36 @@ def run_probe(which: str, environ: Mapping[str, str]) -> int:
 
 
 def add_probe_parser(commands: argparse._SubParsersAction) -> None:
-    """The ``probe`` subcommand (shared by ``cli.parser`` and the stdlib-only path in ``__main__``)."""
+    """The ``probe`` subcommand (shared by ``cli.parser`` and the stdlib-only path in ``forwarder.launch``)."""
     probe = commands.add_parser(
         "probe",
         help="Kubernetes probe: exit 0 if the worker is live/ready, 1 if not (no Celery, no broker)",
+        usage="%(prog)s {live,ready}",
         description=f"Read the worker's health files in {HEALTH_DIR_ENV} (default {DEFAULT_HEALTH_DIR}). "
         f"live: the consumer's loop beat within {LIVENESS_MAX_AGE_ENV} seconds (default "
         f"{DEFAULT_LIVENESS_MAX_AGE}). ready: live, consuming, the model server not away, and not in a warm "
         "shutdown. "
         "Exit 0: pass; 1: fail; 2: invalid variable.",
     )
-    probe.add_argument("check", choices=PROBES, help="which probe")
+    probe.add_argument("check", nargs="?", choices=PROBES, metavar="{live,ready}", help="which probe")
+    probe.set_defaults(probe_parser=probe)
 
 
-def probe_main(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
-    """``python -m forwarder probe ...`` without loading the worker (called from ``__main__``)."""
-    root = argparse.ArgumentParser(prog="python -m forwarder")
+def require_probe(args: argparse.Namespace) -> str:
+    """The probe named on the command line; without one, the usage line and what to add (exit 2)."""
+    if args.check is None:
+        args.probe_parser.error("name the probe: live (the worker's loop beats) or ready (live, consuming, not "
+                                "shutting down)")
+    return str(args.check)
+
+
+def probe_main(argv: Sequence[str], environ: Mapping[str, str] | None = None,
+               prog: str = "python -m forwarder") -> int:
+    """``python -m forwarder probe ...`` without loading the worker (called from ``forwarder.launch``)."""
+    root = argparse.ArgumentParser(prog=prog)
     add_probe_parser(root.add_subparsers(dest="command"))
     args = root.parse_args(list(argv))
-    return run_probe(args.check, os.environ if environ is None else environ)
+    return run_probe(require_probe(args), os.environ if environ is None else environ)
 
 
 def _config_error(name: str, raw: str, exc: ValueError) -> int:

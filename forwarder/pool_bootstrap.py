@@ -19,10 +19,12 @@ EXIT_CONFIG = 2
 
 
 def pool_from_env(environ: Mapping[str, str]) -> str:
-    """Return the pool named by ``CELERY_WORKER_POOL``, or raise ValueError naming the variable."""
-    value = environ.get(POOL_ENV, DEFAULT_POOL)
+    """Return the pool named by ``CELERY_WORKER_POOL`` (any case, as ``settings`` reads it), or raise ValueError
+    naming the variable."""
+    raw = environ.get(POOL_ENV, DEFAULT_POOL)
+    value = raw.strip().lower()
     if value not in POOLS:
-        raise ValueError(f"{POOL_ENV}={value!r} is invalid: expected one of {', '.join(POOLS)}")
+        raise ValueError(f"{POOL_ENV}={raw!r} is invalid: expected one of {', '.join(POOLS)}")
     return value
 
 

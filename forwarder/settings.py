@@ -9,11 +9,11 @@ the worker reads the environment (except the pool bootstrap, which must run befo
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import urlsplit
 
 from forwarder.endpoint_config import read_endpoint_config
 from forwarder.errors import ConfigError, is_secret_variable
@@ -28,6 +28,7 @@ from forwarder.health import (
 from forwarder.pool_bootstrap import DEFAULT_POOL, POOL_ENV, POOLS
 from forwarder.pools import PoolSizes, pool_sizes
 from forwarder.request_ttl import parse_ttl
+from forwarder.urls import MASK, broker_url, optional_url, result_backend_url, safe_url, url
 from gateways.dogstatsd import parse_url as parse_dogstatsd_url
 from gateways.webhook_signing import normalize_secrets
 
@@ -89,10 +90,14 @@ def _bool(raw: str) -> bool:
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
+    """One of ``allowed``, in any case and with spaces around; the value is the allowed spelling."""
+    by_key = {word.casefold(): word for word in allowed}
+
     def parse(raw: str) -> str:
-        if raw not in allowed:
-            raise ValueError(f"must be one of {', '.join(allowed)}")
-        return raw
+        try:
+            return by_key[raw.strip().casefold()]
+        except KeyError:
+            raise ValueError(f"must be one of {', '.join(allowed)}") from None
 
     return parse
 
@@ -108,24 +113,8 @@ def _queue(raw: str) -> str:
     return value
 
 
-def _url(*schemes: str) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        value = raw.strip()
-        parts = urlsplit(value)
-        if parts.scheme not in schemes:
-            raise ValueError(f"must be a URL with scheme {' or '.join(schemes)}")
-        if parts.scheme in ("http", "https", "redis", "rediss") and not parts.hostname:
-            raise ValueError("must name a host")
-        if parts.scheme == "s3" and not parts.netloc:
-            raise ValueError("must name a bucket: s3://bucket/prefix")
-        return value
-
-    return parse
-
-
-def _optional_url(*schemes: str) -> Callable[[str], str]:
-    strict = _url(*schemes)
-    return lambda raw: "" if raw.strip() == "" else strict(raw)
+# URLs: forwarder.urls (parsed in full, with kombu's and Celery's own parsers for the broker and the results).
+_url, _optional_url = url, optional_url
 
 
 def hook_names(raw: str) -> tuple[str, ...]:
@@ -187,8 +176,8 @@ class Var:
 VARS: tuple[Var, ...] = (
     # --- pool and Celery worker
     Var(POOL_ENV, DEFAULT_POOL, _choice(*POOLS), "Worker pool: prefork (processes) or gevent (greenlets in one process).", "pool"),
-    Var("CELERY_BROKER_URL", "redis://localhost:6379/0", _url("redis", "rediss", "sqs"), "Broker: redis://host:port/db or sqs://.", "broker_url"),
-    Var("CELERY_RESULT_BACKEND", "redis://localhost:6379/1", _url("redis", "rediss", "s3"), "Result backend: redis://host:port/db or s3://bucket/prefix.", "result_backend"),
+    Var("CELERY_BROKER_URL", "redis://localhost:6379/0", broker_url, "Broker: redis://host:port/db or sqs://.", "broker_url"),
+    Var("CELERY_RESULT_BACKEND", "redis://localhost:6379/1", result_backend_url, "Result backend: redis://host:port/db or s3://bucket/prefix.", "result_backend"),
     Var("CELERY_QUEUE", "celery", _queue, "The one queue this worker consumes (llm-engine: the endpoint's queue).", "queue"),
     Var("CELERY_WORKER_CONCURRENCY", "4", _positive_int, "Tasks run at once: prefork children, or gevent greenlets.", "concurrency"),
     Var("CELERY_WORKER_PREFETCH_MULTIPLIER", "", _optional_positive_int, "Unacknowledged messages per slot. Unset: 1 for prefork; 2 for gevent, whose consumer then holds at most one message beyond its running tasks and never sleeps while a slot is free.", "prefetch_multiplier"),
@@ -200,6 +189,7 @@ VARS: tuple[Var, ...] = (
     Var("CELERY_SQS_POLLING_INTERVAL", "1", _non_negative_float, "SQS broker: seconds between polls of an empty queue.", "sqs_polling_interval"),
     Var("AWS_REGION", "", _text, "AWS region of the SQS broker and the S3 result bucket (unset: boto3's own chain, AWS_DEFAULT_REGION or the profile's region; boto3 itself ignores AWS_REGION). An AWS SQS queue URL's own region wins for the queue.", "aws_region"),
     Var("CELERY_LOG_LEVEL", "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "Log level of the worker.", "log_level"),
+    Var("FORWARDER_STRICT_ENV", "0", _bool, "1: a set variable under this worker's prefixes (FORWARDER_, FIREHOSE_, and a CELERY_ name close to one it reads) that it does not know stops it (exit 2) instead of one warning naming the closest known variable.", "strict_env"),
     Var("FORWARDER_LOG_FORMAT", "text", _choice(*LOG_FORMATS), "Log format: text (one readable line per record, for local runs) or json (one JSON object per line, with dd.trace_id/dd.span_id under ddtrace-run: the production choice).", "log_format"),
     # --- the model server
     Var("FORWARDER_MODEL_URL", "http://localhost:5005/predict", _url("http", "https"), "Where each task's payload is POSTed.", "model_url"),
@@ -242,6 +232,7 @@ VARS: tuple[Var, ...] = (
     Var("FIREHOSE_REFRESH_LEEWAY", "600", _non_negative_float, "Rebuild the Firehose client this many seconds before its credentials expire.", "firehose_refresh_leeway"),
     Var("FIREHOSE_CLIENT_MAX_POOL_CONNECTIONS", "", _optional_positive_int, "Connection pool of the Firehose client (unset: the tasks one process runs at once, plus a margin, at least 10).", "firehose_max_pool_connections"),
     # --- metrics (DogStatsD)
+    Var("FORWARDER_SUMMARY_INTERVAL", "60", _non_negative_float, "Seconds between the summary lines in the log: tasks done, failed and retried over the interval, in flight now, and the model's p50/p99 latency (0: no summary line).", "summary_interval"),
     Var("FORWARDER_METRICS", "1", _bool, "Send DogStatsD metrics to the local Datadog agent (0: none). Sending never blocks a task: a packet nobody takes is dropped.", "metrics"),
     Var("FORWARDER_STUCK_AFTER", "86400", _positive_float, "Seconds after its arrival (the producer's timestamp) at which a task that starts counts as stuck (scale_launch.async_task.stuck.count; llm-engine: a day).", "stuck_after"),
     Var("DD_AGENT_HOST", "localhost", lambda raw: raw.strip() or "localhost", "Host of the Datadog agent's DogStatsD (the node's IP in Kubernetes).", "dd_agent_host"),
@@ -282,6 +273,7 @@ class Settings:
     sqs_wait_time_seconds: int
     sqs_polling_interval: float
     log_level: str
+    strict_env: bool
     log_format: str
     model_url: str
     healthcheck_url: str
@@ -321,6 +313,7 @@ class Settings:
     firehose_refresh_leeway: float
     firehose_max_pool_connections: int | None
     aws_region: str
+    summary_interval: float
     metrics: bool
     stuck_after: float
     dd_agent_host: str
@@ -343,7 +336,11 @@ class Settings:
             ConfigError: naming the first invalid variable and why.
         """
         values = {var.attr: parse_var(var, environ) for var in VARS}
-        skipped: list[str] = []
+        unknown = unknown_variables(environ)
+        if unknown and values["strict_env"]:
+            name, hint = unknown[0]
+            raise ConfigError(name, None, f"is not a variable this worker reads{hint} (FORWARDER_STRICT_ENV=1)")
+        skipped: list[str] = [f"{name} is not a variable this worker reads{hint}; ignored" for name, hint in unknown]
         if endpoint_config is not None:
             values, skipped = apply_endpoint_config(values, endpoint_config, values["endpoint_config_path"])
         _check_combinations(values)
@@ -395,7 +392,41 @@ def parse_var(var: Var, environ: Mapping[str, str]) -> Any:
     try:
         return var.parse(raw)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(var.name, raw, _reason(exc)) from None
+        raise ConfigError(var.name, safe_url(raw) if "://" in raw else raw, _reason(exc)) from None
+
+
+#: Prefixes of this worker's own variables: any set name under them that it does not read is a mistake.
+OWN_PREFIXES = ("FORWARDER_", "FIREHOSE_")
+#: CELERY_ names that Celery itself or llm-engine's chart set or read (its chart sets CELERY_TASK_VISIBILITY,
+#: which neither forwarder reads); another CELERY_ name counts as a typo when it is close to one of ours.
+OTHER_CELERY_NAMES = frozenset({
+    "CELERY_RDBSIG", "CELERY_RDB_HOST", "CELERY_RDB_PORT", "CELERY_LOADER", "CELERY_CONFIG_MODULE",
+    "CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL", "CELERY_BENCH", "CELERY_BENCH_EVERY", "CELERY_TRACE_APP",
+    "CELERY_LOG_FILE", "CELERY_LOG_REDIRECT", "CELERY_LOG_REDIRECT_LEVEL", "CELERY_CUSTOM_WORKER_POOL",
+    "CELERY_SKIP_CHECKS", "CELERY_TASK_VISIBILITY",
+})
+#: How close (difflib's ratio) a CELERY_ name must be to one of ours to count as its typo.
+CELERY_TYPO_RATIO = 0.8
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Set variables under this worker's prefixes that it does not read, sorted, each with a hint naming the
+    closest variable it does read (difflib), or ``""``; pure."""
+    known = [var.name for var in VARS]
+    found = []
+    for name in sorted(environ):
+        if name in known or name in OTHER_CELERY_NAMES:
+            continue
+        if name.startswith(OWN_PREFIXES):
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        elif name.startswith("CELERY_"):
+            close = difflib.get_close_matches(name, known, n=1, cutoff=CELERY_TYPO_RATIO)
+            if not close:
+                continue
+        else:
+            continue
+        found.append((name, f" (did you mean {close[0]}?)" if close else ""))
+    return found
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -507,7 +538,7 @@ def effective_config(settings: Settings) -> dict[str, str]:
     """Every variable's value in force (the endpoint config's included), as it would be set, secrets masked.
 
     A secret variable (``errors.is_secret_variable``) shows ``***`` when set; a URL shows neither its password
-    nor its query (a callback URL may carry a token there).
+    nor its query (a callback URL may carry a token there): ``urls.safe_url``.
     """
     shown: dict[str, str] = {}
     for var in VARS:
@@ -516,14 +547,8 @@ def effective_config(settings: Settings) -> dict[str, str]:
             text = MASK if text else ""
         elif "://" in text:
             text = safe_url(text)
-            if urlsplit(text).query:
-                text = urlsplit(text)._replace(query=MASK).geturl()
         shown[var.name] = text
     return shown
-
-
-#: What a masked secret shows.
-MASK = "***"
 
 
 def _as_env_value(value: Any) -> str:
@@ -536,15 +561,6 @@ def _as_env_value(value: Any) -> str:
     if isinstance(value, dict):
         return json.dumps(value, sort_keys=True) if value else ""
     return str(value)
-
-
-def safe_url(url: str) -> str:
-    """A URL without its password, for logs."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", f":{MASK}@")
-        return parts._replace(netloc=netloc).geturl()
-    return url
 
 
 def describe() -> str:

@@ -8,6 +8,7 @@ the files are the resources), and compared with ``kubectl kustomize`` when kubec
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import os
@@ -24,6 +25,7 @@ import pytest
 import redis
 import yaml
 
+from devtools.demo import producer as make_producer
 from devtools.demo import send
 from devtools.servers import WorkerProcess
 from forwarder.errors import is_secret_variable
@@ -183,6 +185,13 @@ def test_the_configmaps_env_passes_the_workers_check(overlay: str) -> None:
     assert not set(envs) & set(env)
 
 
+def test_a_misspelt_variable_stops_the_deployed_worker() -> None:
+    env = worker_env("redis")
+    assert env["FORWARDER_STRICT_ENV"] == "1"
+    done = check({**env, "FORWARDER_HOOK": "callback"})
+    assert done.returncode == 2 and "FORWARDER_HOOK is not a variable this worker reads (did you mean FORWARDER_HOOKS?)" in done.stderr
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_probe_commands_exist(overlay: str) -> None:
     forwarder = container(render(DEPLOY / overlay))
@@ -270,12 +279,11 @@ def test_memory_follows_the_measured_figures() -> None:
     assert request <= limit
 
 
-def test_the_pod_runs_as_the_images_user_on_a_read_only_root() -> None:
+def test_the_worker_runs_as_the_images_user_on_a_read_only_root() -> None:
     uid = int(re.search(r"useradd .*--uid (\d+)", (ROOT / "Dockerfile").read_text()).group(1))  # type: ignore[union-attr]
     docs = render(DEPLOY / "redis")
-    pod = find(docs, "Deployment")["spec"]["template"]["spec"]
-    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == uid
     forwarder = container(docs)
+    assert forwarder["securityContext"]["runAsNonRoot"] and forwarder["securityContext"]["runAsUser"] == uid
     assert forwarder["securityContext"]["readOnlyRootFilesystem"] is True
     mounts = {m["mountPath"] for m in forwarder["volumeMounts"]}
     assert Path(worker_env("redis")["FORWARDER_HEALTH_DIR"]).parent.as_posix() in mounts  # the probes' files
@@ -285,13 +293,17 @@ def test_the_pod_runs_as_the_images_user_on_a_read_only_root() -> None:
 # ------------------------------------------------------------------------------------------ KEDA's Redis list
 
 
-def test_the_redis_list_keda_reads_is_the_one_the_queue_fills(redis_server: Any, producer: Any) -> None:
+def test_the_redis_list_keda_reads_is_the_one_the_queue_fills(redis_server: Any) -> None:
     # Given the ScaledObject's list and database, and tasks queued the way producers queue them, no worker running
     metadata = find(render(DEPLOY / "redis"), "ScaledObject")["spec"]["triggers"][0]["metadata"]
     list_name, db = metadata["listName"], int(metadata["databaseIndex"])
-    assert producer.conf.broker_url.endswith(f"/{db}")
-    for n in range(7):
-        send(producer, {"args": {"n": n}}, queue=worker_env("redis")["CELERY_QUEUE"])
+    assert worker_env("redis")["CELERY_BROKER_URL"].endswith(f"/{db}")
+    app = make_producer(f"{redis_server.url}/{db}", f"{redis_server.url}/1")
+    try:
+        for n in range(7):
+            send(app, {"args": {"n": n}}, queue=worker_env("redis")["CELERY_QUEUE"])
+    finally:
+        app.close()
     # Then the length KEDA's redis trigger reads (LLEN listName on that database) counts every one of them
     client = redis.Redis.from_url(f"{redis_server.url}/{db}")
     try:
@@ -357,3 +369,232 @@ def test_the_worker_needs_only_tmp_and_dev_shm_writable(pool: str, base_env: dic
     finally:
         worker.stop(timeout=30)
     assert "Read-only file system" not in worker.output and "Traceback" not in worker.output, worker.output[-3000:]
+
+
+# ------------------------------------------------------------------------------------------ llm-engine's values
+
+#: llm-engine at the commit of deploy/llm-engine/upstream/ (a8236961): model_engine_server/core/celery/app.py.
+#: ``TaskVisibility.VISIBILITY_24H = 3`` is the Redis broker's db (``get_redis_endpoint(task_visibility)``) of
+#: every async endpoint (the forwarder hard-codes it; the chart passes it too), with ``visibility_timeout``
+#: 86400; Redis results go to db 1 (``get_redis_endpoint(1)``).
+LLM_ENGINE_BROKER_DB = 3
+LLM_ENGINE_VISIBILITY_SECONDS = 86400
+LLM_ENGINE_RESULTS_DB = 1
+LLM_ENGINE = DEPLOY / "llm-engine"
+
+
+def test_the_redis_overlay_uses_llm_engines_broker_db_and_visibility():
+    env = worker_env("redis")
+    assert env["CELERY_BROKER_URL"].rsplit("/", 1)[1] == str(LLM_ENGINE_BROKER_DB)
+    assert env["CELERY_RESULT_BACKEND"].rsplit("/", 1)[1] == str(LLM_ENGINE_RESULTS_DB)
+    assert int(env["CELERY_BROKER_VISIBILITY_TIMEOUT"]) == LLM_ENGINE_VISIBILITY_SECONDS
+    trigger = find(render(DEPLOY / "redis"), "ScaledObject")["spec"]["triggers"][0]["metadata"]
+    assert trigger["databaseIndex"] == str(LLM_ENGINE_BROKER_DB)
+    # The comment says why, where the value is set
+    assert "VISIBILITY_24H" in (DEPLOY / "redis" / "configmap.yaml").read_text()
+
+
+def test_the_readmes_switching_guide_says_the_same():
+    readme = (ROOT / "README.md").read_text()
+    guide = readme.split("## Switching from llm-engine's forwarder", 1)[1].split("\n## ", 1)[0]
+    assert f"`CELERY_BROKER_VISIBILITY_TIMEOUT={LLM_ENGINE_VISIBILITY_SECONDS}`, and db `/{LLM_ENGINE_BROKER_DB}`" in guide
+    assert f"redis://<redis host>:6379/{LLM_ENGINE_BROKER_DB}`" in guide
+    assert f"redis://<redis host>:6379/{LLM_ENGINE_RESULTS_DB}`" in guide
+    assert "deploy/redis" in guide and "deploy/llm-engine" in guide
+
+
+def test_only_the_worker_container_has_a_user_and_the_model_keeps_its_own():
+    uid = int(re.search(r"useradd .*--uid (\d+)", (ROOT / "Dockerfile").read_text()).group(1))  # type: ignore[union-attr]
+    for overlay in OVERLAYS:
+        pod = find(render(DEPLOY / overlay), "Deployment")["spec"]["template"]["spec"]
+        assert "runAsUser" not in pod.get("securityContext", {}) and "runAsNonRoot" not in pod.get("securityContext", {})
+        assert "fsGroup" not in pod.get("securityContext", {})
+        model = container(render(DEPLOY / overlay), "model")
+        assert "securityContext" not in model, "the model container keeps its image's user"
+        forwarder = container(render(DEPLOY / overlay))["securityContext"]
+        assert forwarder["runAsNonRoot"] is True and forwarder["runAsUser"] == uid
+
+
+# ------------------------------------------------------------------------------------------ llm-engine's chart
+
+#: What two of the chart's helpers render to, for an AWS install with its infra config mounted (no Azure, no
+#: s3EndpointUrl): ``modelEngine.asyncForwarderTemplateEnv`` and ``modelEngine.forwarderVolumeMounts`` in
+#: charts/model-engine/templates/_helpers.tpl at the same commit.
+ASYNC_FORWARDER_ENV = """env:
+  - name: DD_TRACE_ENABLED
+    value: "${DD_TRACE_ENABLED}"
+  - name: DD_REMOTE_CONFIGURATION_ENABLED
+    value: "false"
+  - name: DD_SERVICE
+    value: "${ENDPOINT_NAME}"
+  - name: DD_ENV
+    value: "${DD_ENV}"
+  - name: DD_VERSION
+    value: "${GIT_TAG}"
+  - name: DD_AGENT_HOST
+    valueFrom:
+      fieldRef:
+        fieldPath: status.hostIP
+  - name: AWS_PROFILE
+    value: "${AWS_ROLE}"
+  - name: AWS_CONFIG_FILE
+    value: /opt/.aws/config
+  - name: RESULTS_S3_BUCKET
+    value: "${RESULTS_S3_BUCKET}"
+  - name: BASE_PATH
+    value: "/workspace"
+  - name: ML_INFRA_SERVICES_CONFIG_PATH
+    value: "/workspace/model-engine/model_engine_server/core/configs/config.yaml"
+  - name: CELERY_QUEUE
+    value: "${QUEUE}"
+  - name: CELERY_TASK_VISIBILITY
+    value: "VISIBILITY_24H"
+  - name: S3_BUCKET
+    value: "${CELERY_S3_BUCKET}\""""
+FORWARDER_VOLUME_MOUNTS = """
+volumeMounts:
+  - name: config-volume
+    mountPath: /opt/.aws/config
+    subPath: config
+  - name: user-config
+    mountPath: /workspace/user_config
+    subPath: raw_data
+  - name: endpoint-config
+    mountPath: /workspace/endpoint_config
+    subPath: raw_data
+  - name: infra-service-config-volume
+    mountPath: /workspace/model-engine/model_engine_server/core/configs"""
+#: What llm-engine substitutes into the rendered template for one async endpoint (``safe_substitute``).
+ENDPOINT_ARGUMENTS = {
+    "QUEUE": "launch-endpoint-id-end_abc123", "SQS_QUEUE_URL": "https://sqs.us-east-1.amazonaws.com/123/launch-endpoint-id-end_abc123",
+    "CONCURRENT_REQUESTS_PER_WORKER": "4", "PREDICT_ROUTE": "/predict", "HEALTHCHECK_ROUTE": "/readyz",
+    "USER_CONTAINER_PORT": "5005", "GIT_TAG": "abc", "FORWARDER_CONFIG_FILE_NAME": "service--forwarder.yaml",
+    "FORWARDER_CPUS_LIMIT": "1", "FORWARDER_MEMORY_LIMIT": "2Gi", "FORWARDER_STORAGE_LIMIT": "1G",
+    "DD_TRACE_ENABLED": "true", "ENDPOINT_NAME": "my-endpoint", "DD_ENV": "prod", "AWS_ROLE": "ml-worker",
+    "RESULTS_S3_BUCKET": "results", "CELERY_S3_BUCKET": "celery",
+}
+CHART_VALUES = {
+    "celeryForwarder": {"image": {"repository": "registry.example.com/celery-forwarder", "tag": "0.1.0"}},
+    "config": {"values": {"infra": {"redis_host": "redis.example.internal", "s3_bucket": "llm-engine",
+                                    "default_region": "us-east-1", "firehose_stream_name": "inference-logs"}}},
+}
+
+
+@pytest.fixture(scope="module")
+def patched_chart(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """llm-engine's template (deploy/llm-engine/upstream/) with deploy/llm-engine's patch applied by git."""
+    work = tmp_path_factory.mktemp("llm-engine")
+    target = work / "charts" / "model-engine" / "templates" / "service_template_config_map.yaml"
+    target.parent.mkdir(parents=True)
+    shutil.copy(LLM_ENGINE / "upstream" / "service_template_config_map.yaml.tpl", target)
+    done = subprocess.run(["git", "apply", "--verbose", str(LLM_ENGINE / "model-engine-chart.patch")], cwd=work,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return target.read_text()
+
+
+def async_segments(template: str) -> list[str]:
+    """The text of each ``{{- else if eq $mode "async" }}`` branch of the forwarder containers (to its ``end``)."""
+    lines = template.splitlines()
+    segments = []
+    for start, line in enumerate(lines):
+        if line.strip() != '{{- else if eq $mode "async" }}':
+            continue
+        depth, end = 0, start + 1
+        while True:
+            stripped = lines[end].strip()
+            if stripped.startswith(("{{- if ", "{{- with ", "{{- range ")):
+                depth += 1
+            elif stripped == "{{- end }}":
+                depth -= 1
+                if depth < 0:
+                    break
+            end += 1
+        segments.append("\n".join(lines[start + 1:end]))
+    return segments
+
+
+def dedented_containers(segment: str, broker: str, datadog: bool, values: dict[str, Any]) -> dict[str, Any]:
+    import textwrap
+    from string import Template
+
+    from tests.support.helm_lite import render as helm_render
+
+    variables = {"$enable_datadog": datadog, "$celery_broker_type": broker, "$config_values": values["config"]["values"],
+                 "$forwarder_repository": "public.ecr.aws/b2z8n5q1/model-engine",
+                 "$async_forwarder_template_env": ASYNC_FORWARDER_ENV, "$forwarder_volume_mounts": FORWARDER_VOLUME_MOUNTS}
+    text = Template(helm_render(segment, {"Values": values}, variables)).safe_substitute(ENDPOINT_ARGUMENTS)
+    (found,) = yaml.safe_load(textwrap.dedent(text.strip("\n")))
+    return found
+
+
+def container_env(found: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in found["env"] if "value" in e}
+
+
+def test_the_patch_only_adds_and_keeps_llm_engines_container_as_the_fallback(patched_chart: str):
+    patch = (LLM_ENGINE / "model-engine-chart.patch").read_text()
+    assert not [line for line in patch.splitlines() if line.startswith("-") and not line.startswith("---")]
+    upstream = (LLM_ENGINE / "upstream" / "service_template_config_map.yaml.tpl").read_text()
+    assert "a82369619a365b79a45e49ef6af1045653102615" in (LLM_ENGINE / "README.md").read_text()
+    assert len(async_segments(upstream)) == len(async_segments(patched_chart)) == 2  # Deployment, LeaderWorkerSet
+    for before, after in zip(async_segments(upstream), async_segments(patched_chart), strict=True):
+        for broker in ("sqs", "redis", "servicebus"):
+            theirs = dedented_containers(before, broker, True, CHART_VALUES)
+            unset = {key: value for key, value in CHART_VALUES.items() if key != "celeryForwarder"}
+            assert dedented_containers(after, broker, True, unset) == theirs  # no value: llm-engine's, as before
+            assert theirs["command"][5] == "model_engine_server.inference.forwarding.celery_forwarder"
+        assert dedented_containers(after, "servicebus", True, CHART_VALUES) == dedented_containers(
+            before, "servicebus", True, CHART_VALUES)  # not supported here: llm-engine's stays
+
+
+@pytest.mark.parametrize("broker", ["redis", "sqs"])
+def test_the_patched_chart_runs_this_worker_with_llm_engines_values(patched_chart: str, broker: str, tmp_path: Path):
+    uid = int(re.search(r"useradd .*--uid (\d+)", (ROOT / "Dockerfile").read_text()).group(1))  # type: ignore[union-attr]
+    upstream = async_segments((LLM_ENGINE / "upstream" / "service_template_config_map.yaml.tpl").read_text())
+    rendered = []
+    for before, after in zip(upstream, async_segments(patched_chart), strict=True):
+        theirs = dedented_containers(before, broker, True, CHART_VALUES)
+        for datadog in (True, False):
+            ours = dedented_containers(after, broker, datadog, CHART_VALUES)
+            assert ours["name"] == "celery-forwarder"  # llm-engine's code finds the container by name
+            assert ours["image"] == "registry.example.com/celery-forwarder:0.1.0"
+            entry = ["tini", "--", *(["ddtrace-run"] if datadog else []), "python", "-m", "forwarder"]
+            assert ours["command"] == entry
+            # Kept from llm-engine's container: resources, mounts (the endpoint config), and its env
+            assert ours["resources"] == theirs["resources"] and ours["volumeMounts"] == theirs["volumeMounts"]
+            assert theirs["env"] == ours["env"][:len(theirs["env"])]
+            assert ours["securityContext"]["runAsUser"] == uid and ours["securityContext"]["runAsNonRoot"]
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                assert ours[probe]["exec"]["command"][:4] == ["python", "-m", "forwarder", "probe"]
+            rendered.append(ours)
+    env = container_env(rendered[0])
+    assert all(container_env(other) == env for other in rendered)  # both templates, with and without Datadog
+    # llm-engine's values: its 24 h broker (db 3, 86400 s), its queue, its S3 result keys
+    assert env["CELERY_BROKER_VISIBILITY_TIMEOUT"] == str(LLM_ENGINE_VISIBILITY_SECONDS)
+    if broker == "redis":
+        assert env["CELERY_BROKER_URL"] == f"redis://redis.example.internal:6379/{LLM_ENGINE_BROKER_DB}"
+    else:
+        assert env["CELERY_BROKER_URL"] == "sqs://" and env["CELERY_SQS_QUEUE_URL"] == ENDPOINT_ARGUMENTS["SQS_QUEUE_URL"]
+    assert env["CELERY_QUEUE"] == ENDPOINT_ARGUMENTS["QUEUE"]
+    assert env["CELERY_RESULT_BACKEND"] == "s3://llm-engine/tmp/celery"
+    assert env["FORWARDER_MODEL_URL"] == "http://localhost:5005/predict"
+    # The startup probe outlasts the wait for the model
+    startup = rendered[0]["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= float(env["FORWARDER_READY_TIMEOUT"]) + 30
+    # And the worker takes that environment as it is (strict: no variable of ours misspelt)
+    assert env["FORWARDER_STRICT_ENV"] == "1"
+    # The endpoint config llm-engine mounts there (base64 JSON), naming both hooks: the logging hook's stream
+    # comes from the infra config
+    endpoint_config = tmp_path / "endpoint_config"
+    endpoint_config.write_bytes(base64.b64encode(json.dumps({
+        "endpoint_name": "my-endpoint", "endpoint_id": "end_abc123", "post_inference_hooks": ["callback", "logging"],
+        "default_callback_url": "https://hooks.example.com/done", "user_id": "u1", "labels": {"team": "ml"},
+    }).encode()))
+    assert env["FORWARDER_ENDPOINT_CONFIG_PATH"] == "/workspace/endpoint_config"
+    done = check({**env, "FORWARDER_ENDPOINT_CONFIG_PATH": str(endpoint_config)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"queue={ENDPOINT_ARGUMENTS['QUEUE']}" in done.stdout and "warning" not in done.stdout
+    grace = int(re.search(r"terminationGracePeriodSeconds >= (\d+)", done.stdout).group(1))  # type: ignore[union-attr]
+    assert grace <= 1800  # llm-engine's async pods: terminationGracePeriodSeconds 1800
+    assert "terminationGracePeriodSeconds: 1800" in patched_chart

@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from devtools.servers import free_port, worker_env
+from devtools.demo import producer as make_producer
+from devtools.demo import send
+from devtools.servers import WorkerProcess, free_port, worker_env
 from forwarder.settings import VARS
+from tests.test_settings import BAD_URLS
 
 # A bad value for every variable that is validated (free-text ones accept anything).
 BAD_VALUES = {
@@ -32,6 +35,7 @@ BAD_VALUES = {
     "CELERY_SQS_POLLING_INTERVAL": "soon",
     "CELERY_LOG_LEVEL": "LOUD",
     "FORWARDER_LOG_FORMAT": "yaml",
+    "FORWARDER_STRICT_ENV": "strict",
     "FORWARDER_MODEL_URL": "ftp://localhost/predict",
     "FORWARDER_HEALTHCHECK_URL": "http://",
     "FORWARDER_MODEL_CONNECT_TIMEOUT": "0",
@@ -60,6 +64,7 @@ BAD_VALUES = {
     "FIREHOSE_REFRESH_LEEWAY": "-5",
     "FIREHOSE_CLIENT_MAX_POOL_CONNECTIONS": "0",
     "FORWARDER_METRICS": "maybe",
+    "FORWARDER_SUMMARY_INTERVAL": "-1",
     "FORWARDER_STUCK_AFTER": "0",
     "DD_DOGSTATSD_PORT": "70000",
     "DD_DOGSTATSD_URL": "tcp://localhost:8125",
@@ -161,3 +166,62 @@ def test_a_low_soft_open_file_limit_is_raised_to_the_hard_one():
     done = check_with_open_files(128, 4096, CELERY_WORKER_POOL="gevent", CELERY_WORKER_CONCURRENCY="256")
     assert done.returncode == 0, done.stderr
     assert "open-file limit raised from 128 to 4096 (needed about 832)" in done.stderr
+
+
+# ------------------------------------------------------------------------------------------ URLs and names
+
+
+@pytest.mark.parametrize(("name", "value", "reason"), BAD_URLS)
+def test_a_url_check_refuses_stops_check_and_the_worker_with_one_masked_line(name, value, reason):
+    for command in (("check",), ()):  # `check`, and the worker itself: never a traceback
+        done = run_forwarder(*command, FORWARDER_READY_TIMEOUT="0", **{name: value})
+        assert done.returncode == 2, (command, done.stdout, done.stderr[-2000:])
+        (line,) = done.stderr.strip().splitlines()
+        assert name in line and reason in line, line
+        assert "hunter2" not in line and "Traceback" not in done.stderr
+
+
+def test_check_names_a_misspelt_variable_and_strict_env_refuses_it():
+    done = run_forwarder("check", FORWARDER_HOOK="callback", FORWARDER_MODEL_READ_TIMOUT="60",
+                         CELERY_WORKER_CONCURENCY="8", CELERY_RDBSIG="1", DD_ENV="prod")
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stdout.splitlines() if "is not a variable this worker reads" in line]
+    assert warned == [
+        "forwarder: warning: CELERY_WORKER_CONCURENCY is not a variable this worker reads (did you mean "
+        "CELERY_WORKER_CONCURRENCY?); ignored",
+        "forwarder: warning: FORWARDER_HOOK is not a variable this worker reads (did you mean FORWARDER_HOOKS?); ignored",
+        "forwarder: warning: FORWARDER_MODEL_READ_TIMOUT is not a variable this worker reads (did you mean "
+        "FORWARDER_MODEL_READ_TIMEOUT?); ignored",
+    ]
+    strict = run_forwarder("check", FORWARDER_HOOK="callback", FORWARDER_STRICT_ENV="1")
+    assert strict.returncode == 2
+    assert strict.stderr.strip() == ("forwarder: configuration error: FORWARDER_HOOK is not a variable this worker "
+                                     "reads (did you mean FORWARDER_HOOKS?) (FORWARDER_STRICT_ENV=1)")
+
+
+def test_the_worker_names_a_misspelt_variable_once_at_start():
+    # No model listening: the worker logs its configuration and warnings, then gives up waiting (exit 3)
+    done = run_forwarder(FORWARDER_HOOK="callback", FORWARDER_READY_TIMEOUT="0.5",
+                         FORWARDER_HEALTHCHECK_URL=f"http://127.0.0.1:{free_port()}/readyz")
+    assert done.returncode == 3, done.stderr[-2000:]
+    warned = [line for line in done.stderr.splitlines() if "FORWARDER_HOOK is not a variable" in line]
+    assert len(warned) == 1 and "WARNING" in warned[0] and "did you mean FORWARDER_HOOKS?" in warned[0], warned
+
+
+def test_urls_and_choices_check_passes_run_the_worker(redis_server, model, queue):
+    # An upper-case scheme with no db (0), the highest default db for the results, an upper-case pool
+    results = f"{redis_server.url}/15"
+    broker = "REDIS" + redis_server.url[len("redis"):]
+    env = worker_env(CELERY_BROKER_URL=broker, CELERY_RESULT_BACKEND=results, CELERY_QUEUE=queue,
+                     CELERY_WORKER_POOL="GEVENT", CELERY_LOG_LEVEL="info", FORWARDER_LOG_FORMAT="JSON",
+                     FORWARDER_MODEL_URL=f"{model.url}/predict", FORWARDER_HEALTHCHECK_URL=f"{model.url}/readyz")
+    assert subprocess.run([sys.executable, "-m", "forwarder", "check"], env=env, capture_output=True,
+                          timeout=60).returncode == 0
+    worker = WorkerProcess(env).start(timeout=60)
+    app = make_producer(f"{redis_server.url}/0", results)
+    try:
+        assert send(app, {"args": {"n": 1}}, queue=queue).get(timeout=30)["status_code"] == 200
+    finally:
+        app.close()
+        worker.stop(timeout=30)
+    assert "Traceback" not in worker.output and "forwarder ready: pool=gevent" in worker.output

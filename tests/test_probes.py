@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from devtools.demo import send
-from devtools.servers import wait_for, worker_env
+from devtools.servers import free_port, wait_for, worker_env
 from forwarder.cli import main as cli_main
 from forwarder.health import HealthFiles, beat_interval, check_live, check_ready
 
@@ -171,3 +171,49 @@ def test_ready_fails_as_soon_as_a_warm_shutdown_starts(pool, start_worker, produ
     assert worker.process.poll() is None and model.behaviour.in_flight == 1  # all of that during the shutdown
     assert worker.wait(30) == 0
     assert result.get(timeout=5)["status_code"] == 200
+
+
+def test_a_new_worker_clears_a_previous_containers_health_files_before_waiting_for_the_model(tmp_path):
+    # A previous container in the same pod left `ready` and a fresh heartbeat in the emptyDir
+    health = tmp_path / "health"
+    health.mkdir()
+    for name in ("ready", "live", "stopping"):
+        (health / name).touch()
+    env = worker_env(FORWARDER_HEALTH_DIR=str(health), FORWARDER_READY_TIMEOUT="30",
+                     FORWARDER_HEALTHCHECK_URL=f"http://127.0.0.1:{free_port()}/readyz")  # the model is not up
+    assert probe("ready", health).returncode == 0  # what the new container's startup probe would see
+    process = subprocess.Popen([sys.executable, "-m", "forwarder"], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while any((health / name).exists() for name in ("ready", "live", "stopping")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(p.name for p in health.iterdir()) == []
+        assert process.poll() is None  # still waiting for the model
+        assert probe("ready", health).returncode == 1 and probe("live", health).returncode == 1
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_an_unwritable_health_folder_stops_the_worker_with_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    done = subprocess.run([sys.executable, "-m", "forwarder"], capture_output=True, text=True, timeout=60,
+                          env=worker_env(FORWARDER_HEALTH_DIR=str(blocker / "health"), FORWARDER_READY_TIMEOUT="0"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "FORWARDER_HEALTH_DIR=" in line and "cannot be written" in line
+
+
+def test_probe_without_its_argument_prints_a_usage_line(tmp_path):
+    for command in ([sys.executable, "-m", "forwarder", "probe"],):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30,
+                              env=worker_env(FORWARDER_HEALTH_DIR=str(tmp_path)))
+        assert done.returncode == 2
+        lines = done.stderr.strip().splitlines()
+        assert lines[0] == "usage: python -m forwarder probe {live,ready}", lines
+        assert "name the probe: live" in lines[1] and "required: check" not in done.stderr
+    with pytest.raises(SystemExit) as exited:  # the same through the full command line
+        cli_main(["probe"], {"FORWARDER_HEALTH_DIR": str(tmp_path)})
+    assert exited.value.code == 2

@@ -38,6 +38,7 @@ from forwarder.extensions.redelivery import RedeliverySweep
 from forwarder.extensions.release_exceptions import ReleaseExceptions
 from forwarder.extensions.secret_logs import KeepSecretsOutOfLogs
 from forwarder.extensions.shutdown_handback import HandBackOnShutdown
+from forwarder.extensions.summary import Summary
 from forwarder.extensions.task_log import TaskLog
 from forwarder.extensions.trace_errors import FlagFailuresInTrace
 
@@ -54,6 +55,7 @@ def default_extensions() -> Extensions:
             CloseClients(),  # process stop: close every cached client
             MemoryDebug(),  # FORWARDER_MEMORY_DEBUG: per-process tracing and dumps; else SIGUSR2 ignored
             TaskMetrics(),  # DogStatsD: every attempt (refused ones too), outcomes, hooks, saturation, RSS
+            Summary(),  # FORWARDER_SUMMARY_INTERVAL: a log line of counts, in flight and model p50/p99
             RedeliverySweep(),  # Redis broker: restore a dead worker's unacked messages every few seconds
             ReadyLine(),  # "forwarder ready: ..." once consuming
             HealthProbes(),  # files for `probe live|ready`: a heartbeat from the consumer's loop, ready/stopping marks
