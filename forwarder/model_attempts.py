@@ -23,6 +23,7 @@ from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry
 
 from forwarder.model_outage import ModelOutage
+from gateways.errors import release_exception
 from gateways.model_server import ModelAnswer, ModelClient, ModelConnectionError
 
 logger = logging.getLogger(__name__)
@@ -88,11 +89,12 @@ def call_model(
         try:
             answer = model.predict(body)
         except ModelConnectionError as exc:
-            if outage.away or outage_confirmed(model, outage, str(exc)):
-                continue  # the next turn waits for the model
-            quick += 1
+            quick += 0 if outage.away or outage_confirmed(model, outage, str(exc)) else 1
             if quick > QUICK_RETRIES:
                 raise
+            # Tried again (the next turn waits for the model if it is away): free this failure's frames now,
+            # whose locals hold the request, instead of leaving a cycle for the collector.
+            release_exception(exc)
             continue
         seconds = time.monotonic() - started
         if answer.status_code in policy.statuses and overloaded < policy.retries:

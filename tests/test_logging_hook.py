@@ -143,7 +143,8 @@ def test_oversize_record_is_truncated_with_a_marker_and_one_warning(
         runner = HookRunner([hook])
         runner.run(request, response, "task-5")
     assert runner.counts["logging.success"] == 1
-    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # ours only: ddtrace's writer may log its own ERROR here (no trace agent listening), seen under CI load
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and not r.name.startswith("ddtrace")]
     assert len(warnings) == 1 and "truncated" in warnings[0].getMessage()
     raw = raw_bodies(moto_server, firehose_stream)
     assert len(raw) <= MAX_RECORD_BYTES and raw.endswith(b"\n")
