@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 
@@ -42,8 +43,18 @@ class Blip(ConnectionError):
     pass
 
 
+class OpenChannel:
+    """An open channel, as ``acks.channel_gone`` reads one: not closed, its transport still connected."""
+
+    closed = False
+    connection = SimpleNamespace(client=object())
+
+
 class Message:
     """Stands in for a kombu message whose broker fails ``failures`` times (a blip cannot be timed here)."""
+
+    channel = OpenChannel()
+    delivery_tag = "tag-1"
 
     def __init__(self, failures: int) -> None:
         self.failures, self.acks = failures, 0
