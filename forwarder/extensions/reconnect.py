@@ -21,7 +21,7 @@ unacked set until the visibility timeout: an hour by default, 24 h with llm-engi
    it as unacknowledged (a pipeline to the broker) and only then hands it to Celery. When that pipeline
    fails, Celery never sees the message, the broker may or may not hold the record, and no worker knows
    the delivery tag: the message came back only at the visibility timeout, or never (measured: about
-   one restart in ten under load). Here such a message is kept in memory and handed back on the new
+   one restart in five under load). Here such a message is kept in memory and handed back on the new
    connection (its record written first if it is missing, then kombu's own ``restore_by_tag``).
 
 Each step logs one WARNING with its count. Needs kombu's virtual QoS internals (``_delivered``/``_dirty``,
