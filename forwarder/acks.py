@@ -82,8 +82,8 @@ def keeps_unacked_by_tag(channel: Any) -> bool:
 def settle_by_tag(channel: Any, action: str, tag: str) -> None:
     """Settle the message ``tag`` through ``channel`` (Redis: broker-wide keys; see the module docstring).
 
-    ``ack``/``drop``: remove it from kombu's unacked set; ``requeue``: put it back at the head of its queue
-    and remove it. Raises the transport's connection errors.
+    ``ack``/``drop``: remove it from kombu's unacked set; ``requeue``: put it back in its queue and remove it
+    (as kombu's own reject does). Raises the transport's connection errors.
     """
     qos = channel.qos
     if action == REQUEUE:
@@ -131,12 +131,17 @@ def _settle(message: Any, action: str, task_id: str, errors: tuple[type[BaseExce
         except errors as exc:
             failure = f"{type(exc).__name__}: {exc}"
             release_exception(exc)
-        except Exception:
-            # Anything else is a bug, unless the channel was torn down under this call (gevent: a reconnect
-            # in another greenlet): then it is the closed-channel case.
-            if not channel_gone(message.channel):
-                raise
-            return moved(message, action, task_id)
+        except Exception as exc:
+            # The channel torn down under this call (gevent: a reconnect in another greenlet) is the closed-
+            # channel case. Anything else is a bug: never retried or hidden, and never the end of the worker.
+            if channel_gone(message.channel):
+                return moved(message, action, task_id)
+            AckCounter.failed += 1
+            logger.exception("%s of task %s raised %s: the message stays unacknowledged and runs again after the "
+                             "visibility timeout (failed acks in this process: %d)",
+                             action, task_id, type(exc).__name__, AckCounter.failed)
+            release_exception(exc)
+            return False
         if attempt < ACK_ATTEMPTS:
             logger.warning("%s of task %s failed (%s); retrying (attempt %d of %d)",
                            action, task_id, failure, attempt + 1, ACK_ATTEMPTS)
@@ -170,21 +175,28 @@ def moved(message: Any, action: str, task_id: str) -> bool:
             current = None
     AckCounter.moved += 1
     if current is None:
-        logger.warning("%s of task %s waits for the broker connection: its channel was closed by a reconnect "
-                       "(moved in this process: %d)", action, task_id, AckCounter.moved)
-        return False
+        return _waits(action, task_id)
     try:
         settle_by_tag(current, action, tag)
     except Exception as exc:
+        if not (isinstance(exc, current.connection_errors) or channel_gone(current)):  # a bug: as in _settle
+            AckCounter.failed += 1
+            logger.exception("%s of task %s on the new broker connection raised %s: the message runs again after "
+                             "the visibility timeout (failed acks in this process: %d)",
+                             action, task_id, type(exc).__name__, AckCounter.failed)
+            release_exception(exc)
+            return False
         # Lost again (a connection error, or the channel torn down under this call): wait for the next one.
-        if not (isinstance(exc, current.connection_errors) or channel_gone(current)):
-            raise
         release_exception(exc)
         with Channels.lock:
             Channels.pending.append((action, tag, task_id))
-        logger.warning("%s of task %s waits for the broker connection: its channel was closed by a reconnect "
-                       "(moved in this process: %d)", action, task_id, AckCounter.moved)
-        return False
+        return _waits(action, task_id)
     logger.warning("%s of task %s done on the new broker connection: its channel was closed by a reconnect "
                    "(moved in this process: %d)", action, task_id, AckCounter.moved)
     return True
+
+
+def _waits(action: str, task_id: str) -> bool:
+    logger.warning("%s of task %s waits for the broker connection: its channel was closed by a reconnect "
+                   "(moved in this process: %d)", action, task_id, AckCounter.moved)
+    return False

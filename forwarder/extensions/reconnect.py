@@ -63,11 +63,17 @@ class FollowReconnects(bootsteps.StartStopStep):
             previous, acks.Channels.current = acks.Channels.current, channel
             pending, acks.Channels.pending = acks.Channels.pending, []
             unsure, acks.Channels.unsure = acks.Channels.unsure, []
-        settled = settle_pending(channel, pending)
-        recovered = hand_back_unsure(channel, unsure)
-        if previous is not None and previous is not channel:
-            restore_left_over(channel, previous, {tag for _action, tag, _task in pending}
-                              | {message.delivery_tag for message in recovered})
+        try:
+            settled = settle_pending(channel, pending)
+            recovered = hand_back_unsure(channel, unsure)
+            if previous is not None and previous is not channel:
+                restore_left_over(channel, previous, {tag for _action, tag, _task in pending}
+                                  | {message.delivery_tag for message in recovered})
+        except Exception as exc:  # a bug (connection errors are handled inside): it must not stop the consumer
+            logger.exception("catching up after a broker reconnect failed (%s): what the old connection held "
+                             "comes back after the visibility timeout", type(exc).__name__)
+            release_exception(exc)
+            return
         if settled:
             logger.warning("settled %d message(s) on the new broker connection: their tasks finished after the "
                            "old one was lost", settled)
