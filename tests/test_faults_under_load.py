@@ -23,7 +23,7 @@ from devtools.demo import producer as make_producer
 from devtools.servers import RedisServer, WorkerProcess, wait_for
 from tests.support.faults import *  # noqa: F403  (helpers and fixtures)
 from tests.support.faults import POOLS, model_env, statuses, unacked_for, wait_final
-from tests.support.load import FaultLog, Load, latencies, recovery, trace_duplicates
+from tests.support.load import FaultLog, Load, around, latencies, recovery, trace_duplicates
 
 pytestmark = pytest.mark.faults
 
@@ -97,7 +97,7 @@ def test_broker_restarted_5_times_under_load_worker_survives_and_every_task_succ
         load.start()
         # When the broker restarts 5 times while tasks are in flight (each down ~0.3 s)
         for restart in range(5):
-            time.sleep(2.5)
+            time.sleep(max(0.0, load.between_sends(2.5 + 3 * restart) - time.monotonic()))
             faults.inject(f"broker restart {restart + 1}", lambda: aof_broker.restart(down=0.3))
             assert alive(worker), worker.output[-4000:]
         load.join(60)
@@ -126,7 +126,6 @@ def test_broker_restarted_5_times_under_load_worker_survives_and_every_task_succ
     # ... and a duplicate model call is rare and traced to a restart (the old code: 14 in 5 restarts, gevent)
     assert all("no fault" not in line for line in duplicates), duplicates
     assert len([line for line in duplicates if "producer" not in line]) <= 5, duplicates
-
 
 
 #: Visibility timeout of the combined test: only a SIGKILLed replica's messages may wait for it.
@@ -181,11 +180,10 @@ def test_faults_together_under_load_each_task_one_success_and_no_replica_lost(
         (26, "prefork replica SIGTERM (restarted)", stop_replica),
         (33, "broker restart 4", lambda: aof_broker.restart(down=0.3)),
     ]
-    started = time.monotonic()
     try:
         load.start()
         for at, name, action in schedule:
-            time.sleep(max(0.0, started + at - time.monotonic()))
+            time.sleep(max(0.0, load.between_sends(at) - time.monotonic()))
             faults.inject(name, action)
             for replica in replicas.values():
                 assert alive(replica), f"after {name}: {replica.output[-4000:]}"
@@ -196,7 +194,9 @@ def test_faults_together_under_load_each_task_one_success_and_no_replica_lost(
         try:
             metas = wait_final(results, load.ids, COMBINED_VISIBILITY + 30, everyone)
         except AssertionError as exc:
-            raise AssertionError(f"{where(broker, queue, load.ids, results, everyone)}\n{exc}") from None
+            missing = [i for i in load.ids if (results.get(f"celery-task-meta-{i}") or b"").find(b'"SUCCESS"') < 0]
+            timing = "\n".join(around(faults, load, task_id) for task_id in missing[:5])
+            raise AssertionError(f"{where(broker, queue, load.ids, results, everyone)}\n{timing}\n{exc}") from None
         assert set(statuses(metas).values()) == {"SUCCESS"}, statuses(metas)
         # ... every other task within a bound well under the visibility timeout ...
         took = latencies(metas, load)
