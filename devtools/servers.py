@@ -66,19 +66,31 @@ def redis_server_binary() -> str:
 
 
 class RedisServer:
-    """A throwaway Redis-protocol server on a free 127.0.0.1 port (no persistence)."""
+    """A throwaway Redis-protocol server on a free 127.0.0.1 port.
 
-    def __init__(self, port: int | None = None) -> None:
+    No persistence by default. ``persistent=True``: an append-only file fsynced on every write
+    (``appendfsync always``) in a folder of its own, so ``restart()`` loses nothing, as a production broker
+    with AOF; the folder is removed when this object is collected (or at exit).
+    """
+
+    def __init__(self, port: int | None = None, *, persistent: bool = False) -> None:
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.data_dir: Path | None = None
+        if persistent:
+            self.data_dir = Path(tempfile.mkdtemp(prefix="forwarder-redis-"))
+            weakref.finalize(self, shutil.rmtree, self.data_dir, ignore_errors=True)
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}"
 
     def start(self) -> RedisServer:
+        persistence = ["--appendonly", "no"]
+        if self.data_dir is not None:
+            persistence = ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.data_dir)]
         args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"]
+                *persistence, "--protected-mode", "no", "--loglevel", "warning"]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self.ping, 10, f"redis-protocol server on port {self.port}")
         return self
@@ -100,9 +112,11 @@ class RedisServer:
                 self.process.kill()
                 self.process.wait()
 
-    def restart(self) -> None:
-        """Stop and start again on the same port (all data is lost, as on a real restart)."""
+    def restart(self, down: float = 0.0) -> None:
+        """Stop, stay down ``down`` seconds, and start again on the same port (without persistence every
+        key is lost, as on a real restart of such a server; a persistent one reloads its append-only file)."""
         self.stop()
+        time.sleep(down)
         self.start()
 
 
@@ -134,6 +148,7 @@ class ModelBehaviour:
         self.ready = True
         self.lock = threading.Lock()
         self.requests: Counter[str] = Counter()  # request keys seen, by their "id" field if any
+        self.seen_at: dict[str, list[float]] = {}  # request key -> time.monotonic() of each request
         self.total = 0
         self.in_flight = 0
         self.peak_in_flight = 0
@@ -217,6 +232,7 @@ class _ModelHandler(QuietHandler):
             behaviour.peak_in_flight = max(behaviour.peak_in_flight, behaviour.in_flight)
             key = str(body.get("id")) if isinstance(body, dict) and "id" in body else "-"
             behaviour.requests[key] += 1
+            behaviour.seen_at.setdefault(key, []).append(time.monotonic())
             if len(behaviour.bodies) < 1000:
                 behaviour.bodies.append(body)
             if behaviour.request_log:

@@ -145,10 +145,19 @@ class CheckedRequest(Request):
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
     def acknowledge(self) -> None:
-        """Ack the message, retrying a broker blip (``forwarder.acks``) instead of kombu's log-and-forget."""
+        """Ack the message, retrying a broker blip (``forwarder.acks``) instead of kombu's log-and-forget,
+        and never on a channel a reconnect closed (that ended the worker: issue 22)."""
         if not self.acknowledged:  # type: ignore[has-type]
             acks.acknowledge(self._message, self.task_id, self._connection_errors)
             self.acknowledged = True
+
+    def reject(self, requeue: bool = False) -> None:
+        """Reject (``requeue``: back to the queue) as ``acknowledge`` acks: Celery's own on a lost worker, a
+        ``Reject`` (``extensions.shutdown_handback``) and an unstored outcome (``on_failure``) all come here."""
+        if not self.acknowledged:
+            acks.reject(self._message, self.task_id, requeue, self._connection_errors)
+            self.acknowledged = True
+            self.send_event("task-rejected", requeue=requeue)
 
 
 class StoreFailures:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 
@@ -42,8 +43,18 @@ class Blip(ConnectionError):
     pass
 
 
+class OpenChannel:
+    """An open channel, as ``acks.channel_gone`` reads one: not closed, its transport still connected."""
+
+    closed = False
+    connection = SimpleNamespace(client=object())
+
+
 class Message:
     """Stands in for a kombu message whose broker fails ``failures`` times (a blip cannot be timed here)."""
+
+    channel = OpenChannel()
+    delivery_tag = "tag-1"
 
     def __init__(self, failures: int) -> None:
         self.failures, self.acks = failures, 0
@@ -70,3 +81,21 @@ def test_an_ack_that_keeps_failing_is_one_error_naming_the_consequence_and_count
     assert message.acks == acks.ACK_ATTEMPTS and acks.AckCounter.failed == before + 1
     (error,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert "t-2" in error.getMessage() and "will run again after the visibility timeout" in error.getMessage()
+
+
+class Broken(Message):
+    """A message whose ack fails with an error that is no broker fault (a bug), on an open channel."""
+
+    def ack(self) -> None:
+        self.acks += 1
+        raise KeyError("bookkeeping")
+
+
+def test_an_ack_that_raises_a_bug_is_one_error_with_its_trace_never_retried_and_never_the_end_of_the_worker(caplog):
+    before = acks.AckCounter.failed
+    message = Broken(failures=0)
+    with caplog.at_level(logging.WARNING):
+        assert acks.acknowledge(message, "t-3", (Blip,), sleep=lambda _: None) is False
+    assert message.acks == 1 and acks.AckCounter.failed == before + 1
+    (error,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "t-3" in error.getMessage() and "KeyError" in error.getMessage() and error.exc_info is not None

@@ -13,7 +13,8 @@ What happens to one message, start to end:
    in reverse order.
 5. ``task_done`` of each extension in reverse order, for every outcome (Celery's ``task_postrun``).
 6. Celery acks the message (late acks: only now); ``tasks.CheckedRequest.acknowledge`` retries a broker
-   blip with backoff (``forwarder.acks``) instead of losing the ack.
+   blip with backoff (``forwarder.acks``) instead of losing the ack, and settles a message whose channel a
+   reconnect closed through the new one (``extensions.reconnect``).
 
 Around each process: ``install`` (once, before the worker is built), ``process_start`` (main process
 and each prefork child), ``process_ready`` (once consuming), ``process_stop``. See ``base.Extension``.
@@ -34,6 +35,7 @@ from forwarder.extensions.metrics import TaskMetrics
 from forwarder.extensions.model_outage import PauseIntakeWhileModelAway
 from forwarder.extensions.probes import HealthProbes
 from forwarder.extensions.ready_line import ReadyLine
+from forwarder.extensions.reconnect import AdoptReconnects
 from forwarder.extensions.redelivery import RedeliverySweep
 from forwarder.extensions.release_exceptions import ReleaseExceptions
 from forwarder.extensions.secret_logs import KeepSecretsOutOfLogs
@@ -57,6 +59,7 @@ def default_extensions() -> Extensions:
             TaskMetrics(),  # DogStatsD: every attempt (refused ones too), outcomes, hooks, saturation, RSS
             Summary(),  # FORWARDER_SUMMARY_INTERVAL: a log line of counts, in flight and model p50/p99
             RedeliverySweep(),  # Redis broker: restore a dead worker's unacked messages every few seconds
+            AdoptReconnects(),  # Redis broker: after a reconnect, settle late acks on the new channel, strand nothing
             ReadyLine(),  # "forwarder ready: ..." once consuming
             HealthProbes(),  # files for `probe live|ready`: a heartbeat from the consumer's loop, ready/stopping marks
             PauseIntakeWhileModelAway(),  # model server away: no intake, taken tasks wait in place (model_outage)
