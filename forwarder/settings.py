@@ -202,7 +202,7 @@ VARS: tuple[Var, ...] = (
     Var("FORWARDER_RESULT_FORMAT", "wrapped", _choice(*RESULT_FORMATS), 'wrapped: {"result": "<model JSON as a string>", "status_code": N} (llm-engine default); raw: the model JSON, payload forwarded whole.', "result_format"),
     Var("FORWARDER_REQUEST_TTL", "", parse_ttl, "Seconds a request may wait in the queue, from its producer's arrival timestamp to its start (SageMaker async: RequestTTLSeconds). An older one is not sent to the model: stored as a FAILURE (RequestExpired), hooks run. A timestamp without a zone (llm-engine's datetime.now()) is read as the worker's local time, UTC in Kubernetes: producer and worker must share a timezone. Unset: no limit, as llm-engine.", "request_ttl"),
     Var("FORWARDER_MAX_DELIVERIES", "3", _non_negative_int, "Deliveries of one task whose worker died (OOM kill, crash) before the next is refused: stored as a FAILURE, hooks run, acked (0: never refuse). Redis broker: counted in the broker's Redis; SQS: ApproximateReceiveCount.", "max_deliveries"),
-    Var("FORWARDER_MODEL_OUTAGE_MAX", "900", _positive_float, "Seconds a task taken waits in place for a model server that went away (refused, reset, connect timeout or a proxy's empty 502/503/504, and its readiness failing too) before it is handed back to the queue, unrun. Intake stops while the model is away; a warm shutdown hands waiting tasks back at once. Must stay below CELERY_BROKER_VISIBILITY_TIMEOUT less the model timeouts.", "model_outage_max"),
+    Var("FORWARDER_MODEL_OUTAGE_MAX", "900", _positive_float, "Seconds a task taken waits in place for a model server that went away (refused, reset, connect timeout or a proxy's empty 502/503/504, and its readiness failing too) before it is handed back to the queue, unrun. Intake stops while the model is away; a warm shutdown hands waiting tasks back at once. Must be below CELERY_BROKER_VISIBILITY_TIMEOUT (Redis); unset, half that timeout when it is shorter than 1800 s.", "model_outage_max"),
     Var("FORWARDER_RETRY_STATUSES", "", _statuses, "Comma-separated HTTP statuses of the model's answer that are sent again in place (e.g. 429,503), after the answer's Retry-After (at most FORWARDER_RETRY_BACKOFF_MAX) or the backoff, up to FORWARDER_RETRY_MAX times; the last answer is stored. Empty: every status is stored as the result, as llm-engine does.", "retry_statuses"),
     Var("FORWARDER_RETRY_MAX", "5", _non_negative_int, "Retries of a task whose model connection failed while its readiness still passed (an outage is held instead: FORWARDER_MODEL_OUTAGE_MAX), and resends of a FORWARDER_RETRY_STATUSES answer.", "retry_max"),
     Var("FORWARDER_RETRY_BACKOFF", "2", _positive_int, "Whole seconds before the first retry; doubles each retry, with full jitter.", "retry_backoff"),
@@ -342,7 +342,10 @@ class Settings:
             raise ConfigError(name, None, f"is not a variable this worker reads{hint} (FORWARDER_STRICT_ENV=1)")
         skipped: list[str] = [f"{name} is not a variable this worker reads{hint}; ignored" for name, hint in unknown]
         if endpoint_config is not None:
-            values, skipped = apply_endpoint_config(values, endpoint_config, values["endpoint_config_path"])
+            values, from_config = apply_endpoint_config(values, endpoint_config, values["endpoint_config_path"])
+            skipped += from_config
+        if OUTAGE_MAX_VAR not in environ:
+            values["model_outage_max"] = default_outage_max(values)
         _check_combinations(values)
         values["warnings"] = tuple(skipped) + _warnings(values)
         return cls(**values)
@@ -450,6 +453,17 @@ def _reason(exc: BaseException) -> str:
     return text
 
 
+OUTAGE_MAX_VAR = "FORWARDER_MODEL_OUTAGE_MAX"
+
+
+def default_outage_max(values: dict[str, Any]) -> float:
+    """FORWARDER_MODEL_OUTAGE_MAX when unset: 900 s, or half a shorter Redis visibility timeout (a held task is
+    unacknowledged, and must be handed back well before the broker would deliver it again)."""
+    if values["broker_url"].startswith("sqs://"):
+        return values["model_outage_max"]
+    return min(values["model_outage_max"], values["visibility_timeout"] / 2)
+
+
 def _check_combinations(values: dict[str, Any]) -> None:
     if values["broker_url"].startswith("sqs://") and not values["sqs_queue_url"]:
         raise ConfigError("CELERY_SQS_QUEUE_URL", "", "is required when CELERY_BROKER_URL is sqs://")
@@ -458,7 +472,7 @@ def _check_combinations(values: dict[str, Any]) -> None:
     if not values["broker_url"].startswith("sqs://") and values["model_outage_max"] >= values["visibility_timeout"]:
         # A held task is unacknowledged: past the visibility timeout the broker delivers it again while it waits.
         raise ConfigError(
-            "FORWARDER_MODEL_OUTAGE_MAX", _as_env_value(values["model_outage_max"]),
+            OUTAGE_MAX_VAR, f"{values['model_outage_max']:g}",
             f"must be below CELERY_BROKER_VISIBILITY_TIMEOUT ({values['visibility_timeout']:g} s), "
             "or a task waiting for the model is delivered again while it waits",
         )

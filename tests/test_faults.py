@@ -49,7 +49,7 @@ def test_sigkilled_worker_tasks_are_redelivered_and_complete(
 ):
     # Given a worker busy with two slow tasks, and two more tasks waiting in the queue
     own_model.behaviour.delay = 2.0
-    env = {**model_env(own_model), "CELERY_BROKER_VISIBILITY_TIMEOUT": str(VISIBILITY), "FORWARDER_MODEL_OUTAGE_MAX": "1"}
+    env = {**model_env(own_model), "CELERY_BROKER_VISIBILITY_TIMEOUT": str(VISIBILITY)}
     first = spawn(pool, **env)
     ids = [send(producer, queue, {"args": {"id": n}}) for n in range(4)]
     wait_for(lambda: own_model.behaviour.total >= 2, 20, "two tasks in flight at the model")
@@ -129,7 +129,7 @@ def test_sigkilled_prefork_child_task_is_requeued_and_completes(spawn, producer,
 @pytest.mark.parametrize("pool", POOLS)
 def test_redis_restart_while_tasks_flow(pool, spawn, producer, results, redis_server, queue, model):
     # Given a worker serving tasks
-    worker = spawn(pool, CELERY_BROKER_VISIBILITY_TIMEOUT=str(VISIBILITY), FORWARDER_MODEL_OUTAGE_MAX="1")
+    worker = spawn(pool, CELERY_BROKER_VISIBILITY_TIMEOUT=str(VISIBILITY))
     batch = [send(producer, queue, {"args": {"id": f"before-{n}"}}) for n in range(10)]
     assert set(statuses(wait_final(results, batch, 30, [worker])).values()) == {"SUCCESS"}
 

@@ -48,7 +48,6 @@ def test_gevent_a_poison_message_that_kills_the_whole_worker_is_refused_by_a_rep
 ):
     own_model.behaviour.kill_senders = {"poison": 99}
     env = dict(CELERY_WORKER_CONCURRENCY="1", FORWARDER_MAX_DELIVERIES=str(MAX), CELERY_BROKER_VISIBILITY_TIMEOUT="2",
-               FORWARDER_MODEL_OUTAGE_MAX="1",
                **model_env(own_model))
     poison = send(producer, queue, POISON)
     behind = [send(producer, queue, {"args": {"id": n}}) for n in range(5)]

@@ -288,3 +288,19 @@ def test_variables_of_other_tools_are_left_alone():
     }
     assert unknown_variables(env) == []
     assert Settings.from_env({**env, "FORWARDER_STRICT_ENV": "1"}).warnings == ()
+
+
+def test_the_outage_hold_stays_below_the_visibility_timeout():
+    # Unset: 900 s, or half a shorter Redis visibility timeout (a held task is unacknowledged).
+    assert Settings.from_env({}).model_outage_max == 900
+    assert Settings.from_env({"CELERY_BROKER_VISIBILITY_TIMEOUT": "30"}).model_outage_max == 15
+    # Set: refused when the broker would deliver a held task again while it waits.
+    with pytest.raises(ConfigError, match=r"FORWARDER_MODEL_OUTAGE_MAX='60' must be below CELERY_BROKER_VISIBILITY_TIMEOUT"):
+        Settings.from_env({"CELERY_BROKER_VISIBILITY_TIMEOUT": "30", "FORWARDER_MODEL_OUTAGE_MAX": "60"})
+    assert Settings.from_env({"CELERY_BROKER_VISIBILITY_TIMEOUT": "30", "FORWARDER_MODEL_OUTAGE_MAX": "20"}).model_outage_max == 20
+
+
+def test_a_misspelt_variable_is_named_with_an_endpoint_config_too():
+    settings = Settings.from_env({"FORWARDER_HOOK": "callback"}, {"post_inference_hooks": ["billing"]})
+    assert any(w.startswith("FORWARDER_HOOK is not a variable") for w in settings.warnings), settings.warnings
+    assert any("billing" in w for w in settings.warnings), settings.warnings
