@@ -7,9 +7,9 @@ The state and the hold are ``forwarder.model_outage``; this wires them into the 
   while the model is away, then consumes it again (Celery's ``Consumer.cancel_task_queue`` and
   ``add_task_queue``, what the ``cancel_consumer``/``add_consumer`` remote commands run; they work without
   remote control, which SQS cannot have). kombu's Redis transport defers a cancel that lands during a BRPOP
-  until the read completes, and a message that still arrives for a cancelled queue is handed back. The
-  state is read, not remembered: after a broker reconnect the consumer is rebuilt from the selected
-  queues, which the cancel deselected, so it stays paused until the model is back.
+  until the read completes, and a message that still arrives for a cancelled queue is handed back. Only a
+  running consumer with a live connection is touched; after a broker reconnect Celery rebuilds it from the
+  selected queues, which the cancel deselected, so it stays paused until the model is back.
 - ``OutageWatcher`` probes readiness while the model is away and ends the outage; it marks ``probe ready``
   failing in between. A warm shutdown hands waiting tasks back at once (``ModelOutage.mark_stopping``).
 """
@@ -58,24 +58,37 @@ class IntakeControl(bootsteps.StartStopStep):
     shutdown = stop
 
     def reconcile(self, c: Any) -> None:
-        """Cancel or add the queue so that the consumer takes messages exactly while the model is available."""
+        """Cancel the queue when the model goes away, add it back when it returns: only what this step did.
+
+        Acts only while the consumer runs with a live connection: during a broker reconnect Celery rebuilds
+        the task consumer from the selected queues itself (without ours while paused), and touching it then
+        would race the rebuild.
+        """
         extension = self.extension
-        if extension is None or c.task_consumer is None or worker_state.should_stop is not None:
+        if extension is None or worker_state.should_stop is not None:
             return
+        if c.connection is None or c.task_consumer is None or getattr(c.blueprint, "state", None) != bootsteps.RUN:
+            return
+        away = extension.outage.away
         try:
-            consuming = c.task_consumer.consuming_from(extension.queue)
-            if extension.outage.away and consuming:
+            if away and not extension.paused:
                 c.cancel_task_queue(extension.queue)
-            elif not extension.outage.away and not consuming:
+                extension.paused = True
+            elif not away and extension.paused:
                 c.add_task_queue(extension.queue)
-        except Exception as exc:  # a broker blip: the next look tries again; the timer must keep running
+                extension.paused = False
+        except (*c.connection_errors, *c.channel_errors) as exc:  # a broker blip: the next look tries again
             logger.warning("intake control: %s: %s", type(exc).__name__, exc)
+        except Exception:  # a bug: said loudly, but the timer (and so intake control) must keep running
+            logger.exception("intake control failed")
 
 
 class PauseIntakeWhileModelAway(Extension):
     """Wire the outage hold into the main process (see the module docstring)."""
 
     watcher: OutageWatcher | None = None
+    #: Whether IntakeControl cancelled the queue (kept here: Celery may rebuild the step on a reconnect).
+    paused = False
 
     def install(self, app: Celery, settings: Settings) -> None:
         from forwarder import deps  # deps builds the extensions: imported here, not at module load
