@@ -154,7 +154,7 @@ def test_dumps_on_schedule_and_on_sigusr2(pool, start_worker, model, producer, q
     assert "tracemalloc" in imported_modules(worker.output)
 
     # Two tasks held by a slow model: SIGUSR2 dumps at once, from the process signalled, with its tasks.
-    model.behaviour.delay = 4
+    model.behaviour.delay = 8  # each process is signalled in turn (a dump takes ~1 s under load): tasks still running
     results = [send(producer, {"args": {"id": i}}, queue=queue) for i in range(2)]
     wait_for(lambda: model.behaviour.in_flight == 2, 20, "two requests at the model")
     targets = [worker.pid] if pool == "gevent" else pids  # prefork: the main process and each child
