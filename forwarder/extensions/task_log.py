@@ -184,8 +184,10 @@ class TaskLog(Extension):
             setattr(task.request, TRACE_IDS_KEY, trace_ids())
 
     def task_done(self, task: Task, task_id: str, state: str, retval: Any) -> None:
-        fields = task_fields(task, task_id, state, retval)
         level = logging.WARNING if state == "FAILURE" else logging.INFO
+        if not logger.isEnabledFor(level):  # below the log level: nothing to build
+            return
+        fields = task_fields(task, task_id, state, retval)
         if self.json:
             fields.update(getattr(task.request, TRACE_IDS_KEY, None) or {})
             logger.log(level, "%s: %s %s", TASK_LINE, task_id, state, extra={FIELDS_ATTR: fields})
