@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import redis
 
 from devtools.servers import free_port, wait_for
 from tests.support.faults import *  # noqa: F403  (helpers and fixtures)
@@ -75,12 +76,39 @@ def test_gevent_a_poison_message_that_kills_the_whole_worker_is_refused_by_a_rep
 def test_celerys_own_retries_never_use_up_the_delivery_budget(pool, spawn, producer, results, broker, queue, own_model):
     # A budget of one death, and three autoretries of a model that refuses connections: were a retry counted
     # as a delivery that died, the second attempt would be refused as a PoisonMessage.
+    # The model's readiness answers (a live server), so the refusals are no model outage (which would hold the
+    # task in place, forwarder.model_outage) but errors that Celery retries.
     closed = f"http://127.0.0.1:{free_port()}"
     worker = spawn(pool, FORWARDER_MAX_DELIVERIES="1", FORWARDER_RETRY_MAX="3", FORWARDER_READY_TIMEOUT="0",
-                   FORWARDER_MODEL_URL=f"{closed}/predict", FORWARDER_HEALTHCHECK_URL=f"{closed}/readyz")
+                   FORWARDER_MODEL_URL=f"{closed}/predict", FORWARDER_HEALTHCHECK_URL=f"{own_model.url}/readyz")
     task = send(producer, queue, {"args": {"id": "retried"}})
     meta = wait_final(results, [task], 60, [worker])[task]
     assert meta["status"] == "FAILURE" and meta["result"]["exc_type"] == "ModelConnectionError", meta
     assert worker.output.count(f"[{task}] retry:") == 3
     for retries in range(4):  # each message (the first and its three retries) counted, then taken back
         assert int(broker.get(f"forwarder:deliveries:{task}:{retries}") or 0) == 0
+
+
+def commandstats(client: redis.Redis) -> dict[str, int]:
+    """Calls per command since the last CONFIG RESETSTAT, server-wide (every database, every client)."""
+    return {name.removeprefix("cmdstat_"): int(stats["calls"]) for name, stats in client.info("commandstats").items()}
+
+
+@pytest.mark.parametrize("pool", ["prefork", "gevent"])
+def test_a_first_delivery_costs_the_broker_no_command_for_the_delivery_cap(pool, start_worker, producer, results,
+                                                                          broker, queue):
+    # The cap on (its default, 3) on a Redis broker: a first delivery writes nothing to count itself; only a
+    # redelivery does (kombu marks it). Were the counter's round trip back on the common path, every task would
+    # show an INCR and an EXPIRE (in a pipeline) and a DECR.
+    worker = start_worker(pool, FORWARDER_MAX_DELIVERIES="3")
+    warm = send(producer, queue, {"args": {"id": "warm-up"}})
+    wait_final(results, [warm], 30, [worker])
+    broker.config_resetstat()
+    tasks = [send(producer, queue, {"args": {"id": n}}) for n in range(20)]
+    metas = wait_final(results, tasks, 60, [worker])
+    assert set(statuses(metas).values()) == {"SUCCESS"}
+    calls = commandstats(broker)
+    assert calls.get("publish", 0) >= 20, calls  # the result backend's own commands are seen: the count is live
+    assert {name: calls.get(name, 0) for name in ("incr", "incrby", "decr", "decrby", "expire")} == \
+        {"incr": 0, "incrby": 0, "decr": 0, "decrby": 0, "expire": 0}, calls
+    assert [key for key in broker.keys("forwarder:deliveries:*") if key.decode().split(":")[2] in tasks] == []
