@@ -4,7 +4,9 @@ Both pools (gevent at concurrency 16, prefork at 4) against the same 50 ms model
 runs once per round, in an order rotated each round (drift on a shared machine hits all alike); each figure is the
 median over the rounds, and the ratios are against bare Celery's medians of the same run:
 
-- ``bare``: ``bench.bare_worker``, a bare Celery worker doing the same POST (Celery's defaults);
+- ``bare``: ``bench.bare_worker``, a bare Celery worker doing the same POST (Celery's defaults), the reference;
+- ``bare, STARTED + late acks``: the same with the two settings llm-engine's protocol needs (the STARTED state
+  stored, the ack after the result), which the forwarder always has: what Celery itself charges for them;
 - ``off``: the forwarder with everything switchable off (no metrics, the task line below the log level, no
   delivery counter, no hooks, no tracing); the model-outage hold stays, it cannot be switched off;
 - each part alone on top of ``off``: metrics with an agent listening (the bench's UDP sink, which also counts
@@ -87,6 +89,7 @@ def variants(pool: str, concurrency: int, sink_port: int) -> list[Variant]:
 
     return [
         v("bare", program="bare"),
+        v("bare, STARTED + late acks", program="bare", env={"BARE_MIRROR": "track_started,acks_late"}),
         v("off", env=OFF),
         v("metrics, agent", env={**OFF, "FORWARDER_METRICS": "1", **agent}),
         v("metrics, no agent", env={**OFF, "FORWARDER_METRICS": "1", **nobody}),
