@@ -115,7 +115,11 @@ def run_cost(stack: Stack, plan: CostPlan, log: Any) -> dict[str, Any]:
                 shift = (rnd * 3) % len(order)  # rotated: no variant always first or last
                 for variant in order[shift:] + order[:shift]:
                     before = (sink.datagrams, sink.lines)
-                    result = measure(stack, variant, plan.tasks, url)
+                    try:
+                        result = measure(stack, variant, plan.tasks, url)
+                    except (TimeoutError, RuntimeError) as exc:  # a noisy machine: one failed run is not a result
+                        log(f"cost {pool}-{concurrency} {variant.label} #{rnd + 1}: failed ({exc}); again")
+                        result = measure(stack, variant, plan.tasks, url)
                     result.update(round=rnd, pool=pool, concurrency=concurrency,
                                   datagrams=sink.datagrams - before[0], metric_lines=sink.lines - before[1])
                     rows.append(result)
