@@ -105,10 +105,29 @@ def test_a_first_delivery_costs_the_broker_no_command_for_the_delivery_cap(pool,
     wait_final(results, [warm], 30, [worker])
     broker.config_resetstat()
     tasks = [send(producer, queue, {"args": {"id": n}}) for n in range(20)]
+    # Done when the backend published each task's STARTED and SUCCESS (no reads of ours in between).
+    wait_for(lambda: commandstats(broker).get("publish", 0) >= 40, 60, "40 publishes")
+    calls = commandstats(broker)
     metas = wait_final(results, tasks, 60, [worker])
     assert set(statuses(metas).values()) == {"SUCCESS"}
-    calls = commandstats(broker)
-    assert calls.get("publish", 0) >= 20, calls  # the result backend's own commands are seen: the count is live
+    # The result store: STARTED is written without a read first (a first delivery: nothing can be stored yet,
+    # forwarder.result_backends), SUCCESS after one (Celery's guard against a duplicate overwriting it).
+    assert calls.get("get", 0) == 20, calls
     assert {name: calls.get(name, 0) for name in ("incr", "incrby", "decr", "decrby", "expire")} == \
         {"incr": 0, "incrby": 0, "decr": 0, "decrby": 0, "expire": 0}, calls
     assert [key for key in broker.keys("forwarder:deliveries:*") if key.decode().split(":")[2] in tasks] == []
+
+
+def test_which_deliveries_are_first():
+    from types import SimpleNamespace as Request
+
+    from forwarder.result_backends import first_delivery
+
+    redis_url = "redis://localhost:6379/0"
+    assert first_delivery(Request(delivery_info={"redelivered": False}), redis_url)
+    assert not first_delivery(Request(delivery_info={"redelivered": True}), redis_url)
+    assert not first_delivery(Request(delivery_info={}), redis_url)  # no mark: unknown, the read stays
+    assert not first_delivery(None, redis_url)
+    assert not first_delivery(Request(delivery_info={"redelivered": False}), "sqs://")  # SQS: only its count says
+    assert first_delivery(Request(delivery_info={}, forwarder_receive_count=1), "sqs://")
+    assert not first_delivery(Request(delivery_info={}, forwarder_receive_count=2), "sqs://")
