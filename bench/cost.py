@@ -15,7 +15,9 @@ median over the rounds, and the ratios are against bare Celery's medians of the 
   moto's Firehose);
 - ``defaults``: the forwarder as it ships, with an agent listening (metrics on, text task line at INFO,
   delivery counter on, no hooks, no tracing);
-- ``all``: everything at once as production runs it: the defaults, JSON logs, both hooks, ``ddtrace-run``.
+- ``all``: everything at once as production runs it: the defaults, JSON logs, both hooks, ``ddtrace-run``;
+- with ``BENCH_BEFORE=<dir>``: the defaults again, running the forwarder of an earlier tree (before/after in
+  the same rounds).
 
 Figures: tasks/s (completions between the 10 % and 90 % marks), CPU ms per task (user + system over the
 worker's processes, children included, between the same marks, over the tasks done between them), peak RSS
@@ -24,10 +26,12 @@ worker's processes, children included, between the same marks, over the tasks do
 
 from __future__ import annotations
 
+import os
 import socket
 import statistics
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bench.measure import measure
@@ -99,7 +103,18 @@ def variants(pool: str, concurrency: int, sink_port: int) -> list[Variant]:
         v("hooks (callback, logging)", env=OFF, hooks=hooks),
         v("defaults, agent", env=agent),
         v("all on (production)", env={**agent, "FORWARDER_LOG_FORMAT": "json"}, hooks=hooks, ddtrace=True),
+        *before(v, agent),
     ]
+
+
+def before(v: Any, agent: dict[str, str]) -> list[Variant]:
+    """``BENCH_BEFORE=<dir>`` (a checkout of an earlier commit, say ``git archive <commit> | tar -x -C <dir>``):
+    its forwarder with the defaults, in the same rounds (the worker imports that tree's code instead)."""
+    tree = os.environ.get("BENCH_BEFORE", "")
+    if not tree:
+        return []
+    label = os.environ.get("BENCH_BEFORE_LABEL", Path(tree).name)
+    return [v(f"defaults, agent: {label}", env={**agent, "PYTHONPATH": tree})]
 
 
 def run_cost(stack: Stack, plan: CostPlan, log: Any) -> dict[str, Any]:
