@@ -114,7 +114,7 @@ def before(v: Any, agent: dict[str, str]) -> list[Variant]:
     if not tree:
         return []
     label = os.environ.get("BENCH_BEFORE_LABEL", Path(tree).name)
-    return [v(f"defaults, agent: {label}", env={**agent, "PYTHONPATH": tree})]
+    return [v(f"defaults, agent: {label}", env={**agent, "PYTHONPATH": tree, "BENCH_CWD": tree})]
 
 
 def run_cost(stack: Stack, plan: CostPlan, log: Any) -> dict[str, Any]:

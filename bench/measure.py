@@ -106,7 +106,12 @@ def measure(
     callbacks_before = stack.callbacks_received()
     load_before = os.getloadavg()[0]
     started = time.monotonic()
-    worker.start(timeout=90)
+    try:
+        worker.start(timeout=90)
+    except BaseException:  # never leave a worker that did not come up running
+        worker.kill()
+        completions.close()
+        raise
     ready_s = time.monotonic() - started
     marks = {"low": int(tasks * 0.1), "high": int(tasks * 0.9)} if window is None else dict(zip(("low", "high"), window, strict=True))
     cpu: dict[str, tuple[int, float]] = {}

@@ -3,7 +3,7 @@
 Queues a backlog, starts one worker (the defaults, an agent listening), and samples it with py-spy
 (``--py-spy PATH``; py-spy is not a dependency: install it in a venv of its own) for ``--seconds`` while it
 works, children included (``--subprocesses``). Writes the collapsed stacks and prints the top functions by
-own samples and by inclusive samples, and the share of samples inside the forwarder's own code.
+own samples and by inclusive samples, and the share of samples whose innermost frame is the forwarder's own code.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ def top(stacks: Path, limit: int = 25) -> str:
         own[names[-1]] += count
         for name in set(names):
             inclusive[name] += count
-        if any(part in name for name in names for part in OURS):
+        if any(part in names[-1] for part in OURS):
             ours += count
-    lines = [f"{total} samples; in a stack through forwarder/ or gateways/: {ours / max(total, 1):.1%}", "", "own:"]
+    lines = [f"{total} samples; own time in forwarder/ or gateways/ code: {ours / max(total, 1):.1%}", "", "own:"]
     lines += [f"  {n / total:6.1%}  {name}" for name, n in own.most_common(limit)]
     lines += ["", "inclusive:"]
     lines += [f"  {n / total:6.1%}  {name}" for name, n in inclusive.most_common(limit * 2)]

@@ -45,6 +45,8 @@ class BenchWorker(WorkerProcess):
         """WorkerProcess's command (``ddtrace-run`` in front when asked) with this program's module."""
         command = super().command()
         command[command.index("-m") + 1] = self.MODULES[self.program]
+        if self.env.get("BENCH_CWD"):  # ``python -m`` imports from its working directory first
+            command = ["env", "-C", self.env["BENCH_CWD"], *command]
         return command
 
     def start(self, wait_ready: bool = True, timeout: float = 60) -> BenchWorker:
