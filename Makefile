@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help demo test test-fast lint lock bench soak scale sizing capacity outage clean
+.PHONY: help demo test test-fast lint lock bench cost soak scale sizing capacity outage clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
@@ -31,8 +31,11 @@ lock: $(STAMP)  ## regenerate requirements.txt and requirements-dev.txt from the
 	$(VENV)/bin/pip-compile -q --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links -o requirements.txt requirements.in
 	$(VENV)/bin/pip-compile -q --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links -o requirements-dev.txt requirements-dev.in
 
-bench: $(STAMP)  ## pools and overhead benchmarks, 8-14 min (JSON + PNG under bench/results/)
-	$(PY) -m bench.run --only pools --only overhead $(BENCH_ARGS)
+bench: $(STAMP)  ## pools, overhead and cost benchmarks, 18-25 min (JSON + PNG under bench/results/)
+	$(PY) -m bench.run --only pools --only overhead --only cost $(BENCH_ARGS)
+
+cost: $(STAMP)  ## what each part costs a task against bare Celery, both pools, ~10 min
+	$(PY) -m bench.run --only cost $(BENCH_ARGS)
 
 soak: $(STAMP)  ## the 20,000-task memory soak with its negative controls, 11-25 min
 	$(PY) -m bench.run --only soak $(BENCH_ARGS)

@@ -75,6 +75,8 @@ def plot(section: str, data: dict[str, Any], path: Path) -> None:
             ax.legend(fontsize=8)
     elif section == "sizing":
         fig = _sizing(plt, data)
+    elif section == "cost":
+        fig = _cost(plt, data)
     else:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         for row in data["rows"]:
@@ -117,4 +119,30 @@ def _sizing(plt: Any, data: dict[str, Any]) -> Any:
     axes[2].barh(range(len(groups)), [g["ready_s"] for g in groups], color=["C2" if g["ddtrace"] else "C7" for g in groups])
     axes[2].set(title="launch to ready line (median)", xlabel="seconds", yticks=list(range(len(groups))))
     axes[2].set_yticklabels(labels, fontsize=7)
+    return fig
+
+
+def _cost(plt: Any, data: dict[str, Any]) -> Any:
+    """Per pool: tasks/s and CPU ms per task of each variant as a ratio of bare Celery's, RSS in MB."""
+    groups = data["groups"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.5))
+    labels = groups[0]["order"]
+    height = 0.8 / len(groups)
+    for j, group in enumerate(groups):
+        ys = [i + (j - (len(groups) - 1) / 2) * height for i in range(len(labels))]
+        name = f"{group['pool']} {group['concurrency']}"
+        m = group["medians"]
+        axes[0].barh(ys, [m[label]["tasks_per_s_vs_bare"] for label in labels], height, label=name, color=f"C{j}")
+        axes[1].barh(ys, [m[label]["cpu_vs_bare"] or 0 for label in labels], height, label=name, color=f"C{j}")
+        axes[2].barh(ys, [m[label]["rss_mb"] for label in labels], height, label=name, color=f"C{j}")
+    axes[0].axvline(0.95, color="grey", lw=0.8, ls=":")
+    axes[1].axvline(1.15, color="grey", lw=0.8, ls=":")
+    for ax, title in zip(axes, ("tasks/s / bare Celery's", "CPU ms per task / bare Celery's", "peak RSS, MB (sum)"),
+                         strict=True):
+        ax.set(title=title, yticks=list(range(len(labels))))
+        ax.set_yticklabels(labels if ax is axes[0] else [""] * len(labels), fontsize=8)
+        ax.invert_yaxis()
+        ax.legend(fontsize=7)
+    fig.suptitle(f"cost per part: {data['model_delay_s'] * 1e3:.0f} ms model, {data['tasks']} tasks per run, "
+                 f"median of {data['rounds']} alternated rounds", fontsize=10)
     return fig

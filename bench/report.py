@@ -37,6 +37,8 @@ def summary(sections: dict[str, dict[str, Any]]) -> str:
                 + " / ".join(f"{m[n]['cpu_ms_per_task']:.2f}" for n in ("forwarder", "bare", "bare-protocol")) + " |"
             )
         lines.append("")
+    if "cost" in sections:
+        lines += cost_table(sections["cost"])
     if "soak" in sections:
         data = sections["soak"]
         lines += [f"### soak (callback + logging hooks, concurrency {data['concurrency']}, "
@@ -103,4 +105,21 @@ def _sizing(data: dict[str, Any]) -> list[str]:
     lines += ["", f"Largest prefork child RSS (ddtrace-run): {fits['child_rss_max_mb']:.1f} MiB. Launch to ready line "
               f"(ddtrace-run, median): prefork {fits['ready_seconds']['prefork']:.2f} s, "
               f"gevent {fits['ready_seconds']['gevent']:.2f} s.", ""]
+    return lines
+
+
+def cost_table(data: dict[str, Any]) -> list[str]:
+    """The cost section's table: one row per pool and variant, ratios against bare Celery of the same run."""
+    lines = [f"### cost per part ({data['model_delay_s'] * 1e3:.0f} ms model, {data['tasks']} tasks per run, "
+             f"median of {data['rounds']} alternated rounds)", "",
+             "| pool | variant | tasks/s | vs bare | CPU ms/task | vs bare | peak RSS MB | datagrams/task |",
+             "|---|---|---|---|---|---|---|---|"]
+    for group in data["groups"]:
+        for label in group["order"]:
+            m = group["medians"][label]
+            cpu = f"{m['cpu_vs_bare']:.2f}x" if m["cpu_vs_bare"] else "-"
+            lines.append(f"| {group['pool']} {group['concurrency']} | {label} | {m['tasks_per_s']:.1f} | "
+                         f"{m['tasks_per_s_vs_bare']:.2f}x | {m['cpu_ms_per_task']:.2f} | {cpu} | {m['rss_mb']:.0f} | "
+                         f"{m['datagrams_per_task']:.2f} |")
+    lines.append("")
     return lines

@@ -21,6 +21,9 @@ Sections (side by side in the same run, reported as ratios):
   (the production launch, tracing on) and without, after a warm-up against a 100 ms model: memory in MiB (RSS,
   USS, PSS summed over the processes, each prefork child's RSS) and the time from launch to the ready line,
   3 repetitions, medians; fits per pool and ddtrace-run's cost per process (``bench.sizing``).
+- cost: what each part costs a task (``bench.cost``): bare Celery, the forwarder with everything off, each
+  extension alone, the defaults and everything on, both pools (gevent 16, prefork 4) against a 50 ms model,
+  alternated over rounds, medians: tasks/s, CPU ms per task, peak RSS, ratios against bare Celery.
 - soak: 20,000 tasks with the callback and logging hooks on, per pool; worker RSS sampled as tasks
   complete, slope in MB per 1,000 tasks after the first 2,000. Negative control: ``bench.leaky_worker``
   (a Firehose client built per put). Also prefork with MALLOC_ARENA_MAX=2 and with jemalloc.
@@ -48,6 +51,7 @@ from typing import Any
 
 import requests
 
+from bench import cost
 from bench.measure import ROOT, machine, measure, slope_per_1000
 from bench.plots import plot
 from bench.report import summary
@@ -56,7 +60,7 @@ from bench.sizing import MIB, ddtrace_extra, figures, footprint, medians
 from bench.workers import JEMALLOC, OVERHEAD_PROGRAMS, Variant
 
 RESULTS = ROOT / "bench" / "results"
-SECTIONS = ("pools", "overhead", "soak", "scale", "sizing")
+SECTIONS = ("pools", "overhead", "cost", "soak", "scale", "sizing")
 
 
 @dataclass(frozen=True)
@@ -87,13 +91,15 @@ class Plan:
     sizing_model_delay: float = 0.1
     sizing_waves: int = 4  # warm-up tasks = max(sizing_min_tasks, waves x concurrency)
     sizing_min_tasks: int = 20
+    cost_tasks: int = 600  # per variant and round (bench.cost)
+    cost_rounds: int = 3
 
 
 QUICK = Plan(
     pool_concurrency=(4, 32), pool_seconds=3.0, overhead_tasks=250, overhead_reps=1, soak_tasks=800,
     soak_warmup=200, soak_sample_every=50, leaky_tasks=200, leaky_retained_tasks=100,
     scale_gevent=((32, 1.0), (256, 1.0)), scale_prefork=(32,), sizing_prefork=(1, 4), sizing_gevent=(1, 64),
-    sizing_reps=1,
+    sizing_reps=1, cost_tasks=150, cost_rounds=1,
 )
 
 
@@ -306,6 +312,11 @@ def run_sizing(stack: Stack, plan: Plan) -> dict[str, Any]:
     }
 
 
+def run_cost(stack: Stack, plan: Plan) -> dict[str, Any]:
+    """Each part's cost per task against bare Celery, both pools (``bench.cost``)."""
+    return cost.run_cost(stack, cost.CostPlan(tasks=plan.cost_tasks, rounds=plan.cost_rounds), log)
+
+
 def run_sections(sections: Iterable[str], plan: Plan, meta: dict[str, Any], out: Path) -> None:
     with Stack() as stack:
         for section in sections:
@@ -317,7 +328,7 @@ def run_sections(sections: Iterable[str], plan: Plan, meta: dict[str, Any], out:
 
 
 RUNNERS: dict[str, Callable[[Stack, Plan], dict[str, Any]]] = {
-    "pools": run_pools, "overhead": run_overhead, "soak": run_soak, "scale": run_scale, "sizing": run_sizing,
+    "pools": run_pools, "overhead": run_overhead, "cost": run_cost, "soak": run_soak, "scale": run_scale, "sizing": run_sizing,
 }
 
 

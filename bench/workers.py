@@ -38,16 +38,20 @@ class BenchWorker(WorkerProcess):
     def __init__(self, env: dict[str, str], program: str, *, ddtrace: bool = False) -> None:
         super().__init__(env, ddtrace=ddtrace)
         self.program = program
+        #: At WARNING the ready line (INFO) never comes: the caller times from the completions alone.
+        self.quiet = env.get("CELERY_LOG_LEVEL") in ("WARNING", "ERROR")
 
     def command(self) -> list[str]:
         """WorkerProcess's command (``ddtrace-run`` in front when asked) with this program's module."""
         command = super().command()
         command[command.index("-m") + 1] = self.MODULES[self.program]
+        if self.env.get("BENCH_CWD"):  # ``python -m`` imports from its working directory first
+            command = ["env", "-C", self.env["BENCH_CWD"], *command]
         return command
 
     def start(self, wait_ready: bool = True, timeout: float = 60) -> BenchWorker:
         super().start(wait_ready=False)
-        if wait_ready:
+        if wait_ready and not self.quiet:
             self.wait_for_log(self.READY[self.program], timeout)
         return self
 

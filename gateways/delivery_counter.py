@@ -2,7 +2,8 @@
 
 ``started(key)`` adds one and returns the count; ``finished(key)`` takes one away. A delivery whose
 process dies between the two is never taken away: the count is the number of deliveries that killed their
-worker. Keys expire, so a counter never outlives the message it counts.
+worker. ``handed_back(key)`` takes one away from a delivery that was never counted (the caller counts only
+redeliveries, ``extensions.delivery_cap``). Keys expire, so a counter never outlives the message it counts.
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ class DeliveryCounter:
         pipe.incr(KEY.format(task_id))
         pipe.expire(KEY.format(task_id), self.expiry_seconds)
         return int(pipe.execute()[0])
+
+    def handed_back(self, task_id: str) -> None:
+        """An uncounted delivery handed the message back without dying: one less, ahead of the next count."""
+        pipe = self.client.get().pipeline()
+        pipe.decr(KEY.format(task_id))
+        pipe.expire(KEY.format(task_id), self.expiry_seconds)
+        pipe.execute()
 
     def finished(self, task_id: str) -> None:
         """The delivery ended without killing its worker: take it back."""

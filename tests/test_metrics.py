@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from devtools.demo import send
-from devtools.servers import free_port
+from devtools.servers import free_port, wait_for
 from forwarder.callback_hook import CallbackHook
 from forwarder.extensions.metrics import age_seconds, arrival_time
 from forwarder.hooks import HookRunner
@@ -114,21 +114,70 @@ import json, os, sys
 from gateways.dogstatsd import Metrics
 metrics = Metrics(host="127.0.0.1", port={agent.port})
 metrics.increment("forwarder.test.parent")
+metrics.flush()  # the socket is opened by the first send
 parent = metrics.client()
+metrics.increment("forwarder.test.parent")  # aggregated in the parent: never sent by the child
 pid = os.fork()
 if pid == 0:
     metrics.increment("forwarder.test.child")
-    os._exit(0 if metrics.client() is not parent and metrics._client.builds == 1 else 1)
+    own = metrics.client() is not parent and metrics._client.builds == 1
+    metrics.close()  # a process's stop flushes
+    os._exit(0 if own and metrics.flushes == 1 else 1)
 _, status = os.waitpid(pid, 0)
-print(json.dumps({{"module": type(parent.socket).__module__, "child": status}}))
+print(json.dumps({{"module": type(parent.socket).__module__, "child": status,
+                  "thread": type(metrics._flusher).__module__}}))
+metrics.close()
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["module"].startswith("gevent"), report
+    assert report["thread"].startswith("gevent"), report  # the flusher is a greenlet
     assert report["child"] == 0
     agent.wait("forwarder.test.child", 1)
+    agent.wait("forwarder.test.parent", 2)
+    assert agent.total("forwarder.test.parent") == 2  # the parent's aggregate was not sent by its child too
+
+
+def test_metrics_are_aggregated_and_flushed_in_few_datagrams(agent):
+    # 500 tasks' worth of metrics, as TaskMetrics records them: six per task, three counters, two distributions.
+    metrics = Metrics(host="127.0.0.1", port=agent.port, tags=["endpoint_id:e-1"], flush_interval=3600)
+    tags = ("queue:q", "pool:gevent", "task_name:t")
+    tasks = 500
+    for n in range(tasks):
+        metrics.increment("forwarder.test.received", tags=("queue_name:q",))
+        metrics.increment("forwarder.test.succeeded", tags=tags)
+        metrics.increment("forwarder.test.responses", tags=(*tags, "status_code:200"))
+        metrics.distribution("forwarder.test.latency", n / 1000, tags=(*tags, "status_code:200"))
+        metrics.distribution("forwarder.test.end_to_end", n / 100, tags=(*tags, "outcome:success"))
+    metrics.gauge("forwarder.test.in_flight", 3)
+    assert agent.datagrams == 0 and metrics.flushes == 0  # nothing sent per metric
+    metrics.flush()
+    agent.wait("forwarder.test.in_flight", 3)
+    wait_for(lambda: len(agent.named("forwarder.test.end_to_end")) == tasks, 10, "every sample")
+    # Counters: one line each with the sum; distributions: every sample kept, packed into full datagrams.
+    assert [p.value for p in agent.named("forwarder.test.succeeded", *tags, "endpoint_id:e-1")] == [tasks]
+    assert len(agent.named("forwarder.test.received")) == 1
+    assert sorted(p.value for p in agent.named("forwarder.test.latency")) == [n / 1000 for n in range(tasks)]
+    assert metrics.flushes == 1
+    # Full datagrams (up to 1,432 bytes): ~75 for these 1,000 sample lines; one datagram per metric was 3,001.
+    assert agent.datagrams <= agent.bytes // 1200 + 1, (agent.datagrams, agent.bytes)
+    assert agent.datagrams < 100
+    metrics.flush()  # nothing new: nothing sent
+    assert metrics.flushes == 1
+    metrics.close()
+
+
+def test_the_flusher_sends_on_its_interval_and_close_sends_the_rest(agent):
+    metrics = Metrics(host="127.0.0.1", port=agent.port, flush_interval=0.2)
+    for _ in range(100):
+        metrics.increment("forwarder.test.count")
+    agent.wait("forwarder.test.count", 100, timeout=5)  # by the flusher thread, no call of ours
+    assert metrics.flushes == 1 and agent.datagrams == 1
+    metrics.increment("forwarder.test.last")
+    metrics.close()
+    agent.wait("forwarder.test.last", 1, timeout=5)
 
 
 def test_hook_outcomes_reach_the_observer_and_a_skipped_callback_is_no_success():
@@ -275,3 +324,23 @@ def test_firehose_client_builds_and_sts_failures_are_counted(
     assert agent.total("forwarder.firehose.sts_failed", f"queue:{down_queue}") < 3
     assert "Traceback" not in down.output
 
+
+
+@pytest.mark.parametrize("pool", ["prefork", "gevent"])
+def test_a_worker_aggregates_its_metrics_a_few_datagrams_per_second_not_six_per_task(
+    pool, agent, start_worker, producer, queue
+):
+    start_worker(pool, **statsd_env(agent.port))
+    tasks = 60
+    for result in [send(producer, {"args": {"n": n}}, queue=queue) for n in range(tasks)]:
+        assert result.get(timeout=30)["status_code"] == 200
+    agent.wait("forwarder.task.succeeded", tasks)
+    agent.wait("scale_launch.async_task.received.count", tasks)
+    # Every sample of the distributions arrives; the counters arrive summed, in fewer lines than tasks.
+    wait_for(lambda: len(agent.named("forwarder.model.latency_seconds")) == tasks, 10, "every latency sample")
+    assert agent.total("forwarder.task.succeeded") == tasks
+    assert len(agent.named("forwarder.task.succeeded")) < tasks / 4
+    # Six metrics per task sent one datagram each was 360 datagrams; now a flush a second per process, each
+    # packing its lines (the distributions' samples are most of the bytes) into datagrams of up to 1,432 bytes.
+    assert agent.datagrams < tasks / 2, agent.datagrams
+    assert agent.bytes / agent.datagrams > 500, (agent.bytes, agent.datagrams)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import redis
 
 from devtools.servers import free_port, wait_for
 from tests.support.faults import *  # noqa: F403  (helpers and fixtures)
@@ -84,3 +85,47 @@ def test_celerys_own_retries_never_use_up_the_delivery_budget(pool, spawn, produ
     assert worker.output.count(f"[{task}] retry:") == 3
     for retries in range(4):  # each message (the first and its three retries) counted, then taken back
         assert int(broker.get(f"forwarder:deliveries:{task}:{retries}") or 0) == 0
+
+
+def commandstats(client: redis.Redis) -> dict[str, int]:
+    """Calls per command since the last CONFIG RESETSTAT, server-wide (every database, every client)."""
+    return {name.removeprefix("cmdstat_"): int(stats["calls"]) for name, stats in client.info("commandstats").items()}
+
+
+@pytest.mark.parametrize("pool", ["prefork", "gevent"])
+def test_a_first_delivery_costs_the_broker_no_command_for_the_delivery_cap(pool, start_worker, producer, results,
+                                                                          broker, queue):
+    # The cap on (its default, 3) on a Redis broker: a first delivery writes nothing to count itself; only a
+    # redelivery does (kombu marks it). Were the counter's round trip back on the common path, every task would
+    # show an INCR and an EXPIRE (in a pipeline) and a DECR.
+    worker = start_worker(pool, FORWARDER_MAX_DELIVERIES="3")
+    warm = send(producer, queue, {"args": {"id": "warm-up"}})
+    wait_final(results, [warm], 30, [worker])
+    broker.config_resetstat()
+    tasks = [send(producer, queue, {"args": {"id": n}}) for n in range(20)]
+    # Done when the backend published each task's STARTED and SUCCESS (no reads of ours in between).
+    wait_for(lambda: commandstats(broker).get("publish", 0) >= 40, 60, "40 publishes")
+    calls = commandstats(broker)
+    metas = wait_final(results, tasks, 60, [worker])
+    assert set(statuses(metas).values()) == {"SUCCESS"}
+    # The result store: STARTED is written without a read first (a first delivery: nothing can be stored yet,
+    # forwarder.result_backends), SUCCESS after one (Celery's guard against a duplicate overwriting it).
+    assert calls.get("get", 0) == 20, calls
+    assert {name: calls.get(name, 0) for name in ("incr", "incrby", "decr", "decrby", "expire")} == \
+        {"incr": 0, "incrby": 0, "decr": 0, "decrby": 0, "expire": 0}, calls
+    assert [key for key in broker.keys("forwarder:deliveries:*") if key.decode().split(":")[2] in tasks] == []
+
+
+def test_which_deliveries_are_first():
+    from types import SimpleNamespace as Request
+
+    from forwarder.result_backends import first_delivery
+
+    redis_url = "redis://localhost:6379/0"
+    assert first_delivery(Request(delivery_info={"redelivered": False}), redis_url)
+    assert not first_delivery(Request(delivery_info={"redelivered": True}), redis_url)
+    assert not first_delivery(Request(delivery_info={}), redis_url)  # no mark: unknown, the read stays
+    assert not first_delivery(None, redis_url)
+    assert not first_delivery(Request(delivery_info={"redelivered": False}), "sqs://")  # SQS: only its count says
+    assert first_delivery(Request(delivery_info={}, forwarder_receive_count=1), "sqs://")
+    assert not first_delivery(Request(delivery_info={}, forwarder_receive_count=2), "sqs://")

@@ -115,6 +115,11 @@ class TaskMetrics(Extension):
         self.pool = settings.pool
         self.concurrency = settings.concurrency
         self.stuck_after = settings.stuck_after
+        # Tags built once per process: the constant ones now, the per-task-name ones on first use (TagCache).
+        self.queue_tags = (f"queue_name:{self.queue}",)
+        self.base_tags = (f"queue:{self.queue}", f"pool:{self.pool}")
+        self.tag_cache = TagCache(self.base_tags)
+        self._hook_metrics: dict[tuple[str, str, str], tuple[str, tuple[str, ...]]] = {}
         if not settings.metrics:
             return
         from forwarder import deps  # deps builds the extensions: imported here, not at module load
@@ -147,18 +152,20 @@ class TaskMetrics(Extension):
     def before_task(self, task: Task, task_id: str) -> None:
         if not self.metrics.enabled:
             return
-        self.metrics.increment(RECEIVED, tags=[f"queue_name:{self.queue}"])
+        self.metrics.increment(RECEIVED, tags=self.queue_tags)
         arrival = self._arrival(task)
         if arrival is not None and age_seconds(arrival) > self.stuck_after:
-            self.metrics.increment(STUCK, tags=[f"queue_name:{self.queue}"])
+            self.metrics.increment(STUCK, tags=self.queue_tags)
 
     def task_done(self, task: Task, task_id: str, state: str, retval: Any) -> None:
         if not self.metrics.enabled:
             return
-        tags = self._tags(task)
+        name = getattr(task, "name", "") or "unknown"
+        cache = self.tag_cache
+        tags = cache.task(name)
         status, seconds = model_call(task.request)
         if status is not None and seconds is not None:  # the model answered (any status): status, duration
-            status_tags = [*tags, f"status_code:{status}"]
+            status_tags = cache.extra(name, "status_code", status)
             self.metrics.increment(MODEL_RESPONSES, tags=status_tags)
             self.metrics.distribution(MODEL_LATENCY, seconds, tags=status_tags)
         if state == states.SUCCESS:
@@ -166,7 +173,7 @@ class TaskMetrics(Extension):
             outcome = "success"
         elif state == states.FAILURE:
             exc_type = type(retval).__name__ if isinstance(retval, BaseException) else "unknown"
-            self.metrics.increment(FAILED, tags=[*tags, f"exc_type:{exc_type}"])
+            self.metrics.increment(FAILED, tags=cache.extra(name, "exc_type", exc_type))
             if isinstance(retval, PoisonMessage):
                 self.metrics.increment(REFUSED, tags=tags)
             elif isinstance(retval, RequestExpired):
@@ -182,16 +189,25 @@ class TaskMetrics(Extension):
             return
         arrival = self._arrival(task)
         if arrival is not None:
-            self.metrics.distribution(END_TO_END, age_seconds(arrival), tags=[*tags, f"outcome:{outcome}"])
+            self.metrics.distribution(END_TO_END, age_seconds(arrival), tags=cache.extra(name, "outcome", outcome))
 
     def hook_event(self, hook: str, event: str, error_type: str) -> None:
-        """``hooks.HookRunner``'s observer."""
+        """``hooks.HookRunner``'s observer (names and tags built once per hook, event and error type)."""
+        key = (hook, event, error_type)
+        found = self._hook_metrics.get(key)
+        if found is None:
+            found = self._hook_metrics[key] = self._hook_metric(hook, event, error_type)
+        if found[0]:
+            self.metrics.increment(found[0], tags=found[1])
+
+    def _hook_metric(self, hook: str, event: str, error_type: str) -> tuple[str, tuple[str, ...]]:
         if event in ("attempt", "success"):
-            self.metrics.increment(HOOK.format(hook=hook, event=event))
-        elif event == "failure":
-            self.metrics.increment(HOOK_FAILED, tags=[*self._base_tags(), f"hook:{hook}", f"error_type:{error_type}"])
-        elif event == "skipped":
-            self.metrics.increment(HOOK_SKIPPED, tags=[*self._base_tags(), f"hook:{hook}"])
+            return HOOK.format(hook=hook, event=event), ()
+        if event == "failure":
+            return HOOK_FAILED, (*self.base_tags, f"hook:{hook}", f"error_type:{error_type}")
+        if event == "skipped":
+            return HOOK_SKIPPED, (*self.base_tags, f"hook:{hook}")
+        return "", ()
 
     def firehose_event(self, event: str, error_type: str) -> None:
         """``FirehoseGateway``'s observer: a client built, or a failed build (STS apart)."""
@@ -234,15 +250,34 @@ class TaskMetrics(Extension):
     # ------------------------------------------------------------------------------ internals
 
     def _base_tags(self) -> list[str]:
-        return [f"queue:{self.queue}", f"pool:{self.pool}"]
-
-    def _tags(self, task: Task) -> list[str]:
-        return [*self._base_tags(), f"task_name:{getattr(task, 'name', '') or 'unknown'}"]
+        return list(self.base_tags)
 
     @staticmethod
     def _arrival(task: Task) -> datetime | None:
         args: Any = getattr(task.request, "args", None) or ()
         return arrival_time(args[1]) if len(args) > 1 else None
+
+
+class TagCache:
+    """Per-task tag tuples, built once per process for each task name (and status, outcome, error type)."""
+
+    def __init__(self, base: tuple[str, ...]) -> None:
+        self.base = base
+        self._tasks: dict[str, tuple[str, ...]] = {}
+        self._extra: dict[tuple[str, str, Any], tuple[str, ...]] = {}
+
+    def task(self, name: str) -> tuple[str, ...]:
+        tags = self._tasks.get(name)
+        if tags is None:
+            tags = self._tasks[name] = (*self.base, f"task_name:{name}")
+        return tags
+
+    def extra(self, name: str, key: str, value: Any) -> tuple[str, ...]:
+        """The task's tags and ``key:value`` (a few values each: status codes, outcomes, exception types)."""
+        tags = self._extra.get((name, key, value))
+        if tags is None:
+            tags = self._extra[(name, key, value)] = (*self.task(name), f"{key}:{value}")
+        return tags
 
 
 class WorkerGauges(bootsteps.StartStopStep):

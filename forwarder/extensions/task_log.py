@@ -36,6 +36,7 @@ from celery.utils.log import get_multiprocessing_logger
 from forwarder.extensions.base import Extension
 from forwarder.model_call import model_call
 from forwarder.settings import Settings, effective_config
+from forwarder.tracing import UNDER_DDTRACE_RUN
 
 logger = logging.getLogger("forwarder.tasks")
 config_logger = logging.getLogger("forwarder")
@@ -180,12 +181,14 @@ class TaskLog(Extension):
 
     def before_task(self, task: Task, task_id: str) -> None:
         setattr(task.request, STARTED_KEY, time.monotonic())
-        if self.json:  # ddtrace finishes the task's span before task_done: its ids are taken now
+        if self.json and UNDER_DDTRACE_RUN:  # ddtrace finishes the task's span before task_done: ids taken now
             setattr(task.request, TRACE_IDS_KEY, trace_ids())
 
     def task_done(self, task: Task, task_id: str, state: str, retval: Any) -> None:
-        fields = task_fields(task, task_id, state, retval)
         level = logging.WARNING if state == "FAILURE" else logging.INFO
+        if not logger.isEnabledFor(level):  # below the log level: nothing to build
+            return
+        fields = task_fields(task, task_id, state, retval)
         if self.json:
             fields.update(getattr(task.request, TRACE_IDS_KEY, None) or {})
             logger.log(level, "%s: %s %s", TASK_LINE, task_id, state, extra={FIELDS_ATTR: fields})

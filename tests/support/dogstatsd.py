@@ -38,6 +38,8 @@ class Agent:
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
         self.packets: list[Packet] = []
+        self.datagrams = 0
+        self.bytes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -50,6 +52,8 @@ class Agent:
                 continue
             except OSError:
                 return
+            self.datagrams += 1
+            self.bytes += len(data)
             self.packets += [Packet.parse(line) for line in data.decode().splitlines() if line]
 
     def named(self, name: str, *tags: str) -> list[Packet]:
