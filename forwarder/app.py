@@ -83,6 +83,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
         # kombu's SQS transport, but prefork resumes polling as soon as a slot frees (see the module).
         config["broker_transport"] = TRANSPORT_PATH
+    elif settings.broker_url.startswith("redis://"):
+        from gateways.redis_transport import TRANSPORT_PATH as REDIS_TRANSPORT_PATH
+
+        # kombu's Redis transport, but a message taken from the queue is never only on the wire (see the
+        # module). rediss:// keeps kombu's own: an explicit transport would lose kombu's TLS default.
+        config["broker_transport"] = REDIS_TRANSPORT_PATH
     if settings.result_backend.startswith("s3://"):
         # Read by gateways.s3_backend (see result_backend_class); the endpoint is boto3's own
         # AWS_ENDPOINT_URL, the credentials boto3's default chain.

@@ -58,6 +58,7 @@ class FollowReconnects(bootsteps.StartStopStep):
         if not hasattr(channel, "unacked_key"):  # not kombu's Redis channel
             return
         channel.do_restore = False  # a lost connection must not requeue tasks still running here
+        recover_in_transit(channel, consumed_queues(c))
         note_failed_appends(channel)
         with acks.Channels.lock:
             previous, acks.Channels.current = acks.Channels.current, channel
@@ -87,6 +88,28 @@ class FollowReconnects(bootsteps.StartStopStep):
     shutdown = stop
 
 
+def consumed_queues(c: Any) -> list[str]:
+    """The queues the consumer takes tasks from (declared: consuming starts only with the event loop)."""
+    return [queue.name for queue in getattr(c.task_consumer, "queues", None) or ()]
+
+
+def recover_in_transit(channel: Any, queues: list[str]) -> int:
+    """Hand back what this process's in-transit lists hold (``gateways.redis_transport``): a message the broker
+    moved there for a reply that the lost connection never delivered."""
+    recover = getattr(channel, "recover_in_transit", None)
+    if recover is None:
+        return 0
+    try:
+        moved = recover(queues)
+    except channel.connection_errors as exc:  # lost again: the next connection, or the sweep, tries again
+        release_exception(exc)
+        return 0
+    if moved:
+        logger.warning("handed %d message(s) back to the queue that the broker gave out as the connection was "
+                       "lost (the reply never arrived)", moved)
+    return moved
+
+
 def note_failed_appends(channel: Any) -> None:
     """Keep each message whose unacked record fails to be written (the connection broke under it): Celery never
     gets it, so only this process knows it was taken from the queue. (Shadows ``append`` on this channel's QoS
@@ -108,27 +131,36 @@ def note_failed_appends(channel: Any) -> None:
 def hand_back_unsure(channel: Any, unsure: list[Any]) -> list[Any]:
     """Put each message taken from the queue as the old connection broke back in it, through ``channel``.
 
-    Its unacked record is written first when the broker lacks it (HSETNX: an existing record wins), then
-    kombu's ``restore_by_tag`` pushes it back and removes the record, in one transaction.
+    kombu's ``restore_by_tag`` pushes it back and removes its unacked record, in one transaction, when the
+    record was written. When it was not: with ``gateways.redis_transport`` the message is still in the
+    in-transit list (the record and the removal from that list are one transaction), which
+    ``recover_in_transit`` has handed back; with kombu's own BRPOP the record is written first here (HSETNX:
+    an existing record wins).
     """
+    moves = getattr(channel, "moves_in_transit", False) and not getattr(channel, "global_keyprefix", "")
     done: list[Any] = []
+    handed_back: list[Any] = []
     for message in unsure:
         info = message.delivery_info or {}
         record = dumps([message._raw, info.get("exchange"), info.get("routing_key")])
         try:
             with channel.conn_or_acquire() as client:
-                client.hsetnx(channel.unacked_key, message.delivery_tag, record)
+                if not moves:
+                    client.hsetnx(channel.unacked_key, message.delivery_tag, record)
+                elif not client.hexists(channel.unacked_key, message.delivery_tag):
+                    handed_back.append(message)  # still in transit: recover_in_transit handed it back
+                    continue
                 channel.qos.restore_by_tag(message.delivery_tag, client=client)
         except channel.connection_errors as exc:  # lost again: try on the next connection
             release_exception(exc)
             with acks.Channels.lock:
-                acks.Channels.unsure.extend(m for m in unsure if m not in done)
+                acks.Channels.unsure.extend(m for m in unsure if m not in done and m not in handed_back)
             break
         done.append(message)
     if done:
         logger.warning("handed %d message(s) back to the queue that arrived as the broker connection was lost "
                        "(never started here)", len(done))
-    return done
+    return done + handed_back
 
 
 def settle_pending(channel: Any, pending: list[tuple[str, str, str]]) -> int:

@@ -52,7 +52,7 @@ class RestoreUnacked(bootsteps.StartStopStep):
         self.tref: Any = None
 
     def start(self, c: Any) -> None:
-        options = c.app.conf.broker_transport_options or {}
+        options = options_of(c)
         interval = sweep_interval(float(options.get("visibility_timeout", 3600)))
         self.tref = c.timer.call_repeatedly(interval, self.sweep, (c,))
 
@@ -75,10 +75,33 @@ class RestoreUnacked(bootsteps.StartStopStep):
             logger.warning("restoring unacknowledged messages failed (next try in a few seconds): %s: %s",
                            type(exc).__name__, exc)
             return
+        queues = [queue.name for queue in getattr(c.task_consumer, "queues", None) or ()]
+        restored += sweep_in_transit(channel, queues, float(options_of(c).get("visibility_timeout", 3600)))
         if restored:
             logger.warning("handed %d unacknowledged message(s) back to the queue: their visibility timeout "
                            "passed (a worker died holding them)", restored)
             messages_restored.send(sender=self, count=restored)
+
+
+def options_of(c: Any) -> dict[str, Any]:
+    return c.app.conf.broker_transport_options or {}
+
+
+def sweep_in_transit(channel: Any, queues: list[str], visibility_timeout: float) -> int:
+    """``gateways.redis_transport``'s sweep: hand back in-transit lists of workers unseen for the visibility
+    timeout, fold priority sub-lists onto their queue. Returns the messages handed back; never raises."""
+    sweep = getattr(channel, "sweep_in_transit", None)
+    if sweep is None:
+        return 0
+    try:
+        handed_back, folded = sweep(queues, visibility_timeout)
+    except Exception as exc:
+        logger.warning("sweeping in-transit messages failed (next try in a few seconds): %s: %s",
+                       type(exc).__name__, exc)
+        return 0
+    if folded:
+        logger.info("moved %d message(s) published with a priority onto their queue", folded)
+    return handed_back
 
 
 def restore_counted(qos: Any, limit: int | None) -> int:
