@@ -372,7 +372,7 @@ def test_reliability_doc_names_every_fault_test():
         return set(re.findall(r"^def (test_\w+)\(", path.read_text(), flags=re.MULTILINE))
 
     fault_modules = ("test_faults.py", "test_bad_input.py", "test_hook_faults.py", "test_large_answers.py",
-                     "test_model_outage.py", "test_faults_under_load.py")
+                     "test_model_outage.py", "test_faults_under_load.py", "test_in_transit.py")
     defined = set().union(*(tests_in(root / module) for module in fault_modules))
     anywhere = set().union(*(tests_in(path) for path in root.glob("test_*.py")))
     meta = {"test_reliability_doc_names_every_fault_test", "test_planted_pickle_really_creates_its_file"}
