@@ -33,6 +33,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from collections.abc import Iterable
 from queue import Empty
 from typing import Any
@@ -66,9 +67,17 @@ return moved
 """
 
 
+_owner: tuple[int, str] | None = None
+
+
 def owner() -> str:
-    """This process, as named in its in-transit keys: host and pid (a forked child is another owner)."""
-    return f"{socket.gethostname()}.{os.getpid()}"
+    """This process, as named in its in-transit keys: host, pid and a random part drawn once per process (two
+    containers of one pod share the host name and may share a pid; a forked child is another owner)."""
+    global _owner
+    pid = os.getpid()
+    if _owner is None or _owner[0] != pid:
+        _owner = (pid, f"{socket.gethostname()}.{pid}.{uuid.uuid4().hex[:8]}")
+    return _owner[1]
 
 
 def in_transit_key(queue: str) -> str:
@@ -169,7 +178,7 @@ class Channel(kombu_redis.Channel):
 
     def recover_in_transit(self, queues: Iterable[str]) -> int:
         """Hand back whatever this process's in-transit lists of ``queues`` hold (a reply lost with the last
-        connection; or a previous container's: a restarted container keeps its host name and often its pid)."""
+        connection), and register them as alive."""
         moved = 0
         with self.conn_or_acquire() as client:
             for queue in queues:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import signal
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from kombu.transport import redis as kombu_redis
 
 from devtools.demo import producer as make_producer
 from devtools.demo import send
-from devtools.servers import RedisServer, WorkerProcess
+from devtools.servers import RedisServer, WorkerProcess, wait_for
 from gateways import redis_transport
 from gateways.redis_transport import OWNERS_KEY, TRANSPORT_PATH, in_transit_key
 from tests.support.faults import model_env, wait_final
@@ -171,6 +172,12 @@ def raw_task(client: redis.Redis, producer_url: str, backend_url: str, queue: st
     return task_id, json.dumps(message).encode()
 
 
+def own_list(client: redis.Redis, queue: str, pid: int) -> str | None:
+    """The in-transit list the worker process ``pid`` registered for ``queue`` (host.pid.random)."""
+    prefix = f"{redis_transport.IN_TRANSIT_PREFIX}|{queue}|{socket.gethostname()}.{pid}."
+    return next((key.decode() for key in client.zrange(OWNERS_KEY, 0, -1) if key.decode().startswith(prefix)), None)
+
+
 @pytest.mark.parametrize("pool", ["prefork", "gevent"])
 def test_a_worker_hands_back_what_its_last_connection_left_in_transit_and_a_dead_workers_list(
     pool, start_worker, redis_server, queue, model
@@ -183,7 +190,7 @@ def test_a_worker_hands_back_what_its_last_connection_left_in_transit_and_a_dead
     try:
         own_id, own = raw_task(client, broker_url, backend_url, queue, 1)
         dead_id, dead = raw_task(client, broker_url, backend_url, queue, 2)
-        own_key = f"{redis_transport.IN_TRANSIT_PREFIX}|{queue}|{redis_transport.socket.gethostname()}.{worker.pid}"
+        own_key = wait_for(lambda: own_list(client, queue, worker.pid), 10, "the worker's in-transit list registered")
         dead_key = f"{redis_transport.IN_TRANSIT_PREFIX}|{queue}|gone-host.42"
         client.lpush(own_key, own)
         client.lpush(dead_key, dead)
