@@ -20,7 +20,7 @@ from forwarder.extensions.delivery_cap import CapDeliveries, PoisonMessage
 from forwarder.settings import Settings
 from forwarder.tasks import TASK_NAME
 from tests.support.faults import *  # noqa: F403  (helpers and fixtures)
-from tests.support.faults import model_env, read_metas, send, statuses, wait_error_meta, wait_final
+from tests.support.faults import model_env, read_metas, redelivery_wait, send, statuses, wait_error_meta, wait_final
 
 MAX = 3
 POISON = {"args": {"id": "poison"}}
@@ -125,8 +125,9 @@ def test_gevent_a_poison_message_that_kills_the_whole_worker_is_refused_by_a_rep
     spawn, producer, results, queue, own_model
 ):
     own_model.behaviour.kill_senders = {"poison": 99}
-    env = dict(CELERY_WORKER_CONCURRENCY="1", FORWARDER_MAX_DELIVERIES=str(MAX), CELERY_BROKER_VISIBILITY_TIMEOUT="2",
-               **model_env(own_model))
+    visibility = 2
+    env = dict(CELERY_WORKER_CONCURRENCY="1", FORWARDER_MAX_DELIVERIES=str(MAX),
+               CELERY_BROKER_VISIBILITY_TIMEOUT=str(visibility), **model_env(own_model))
     poison = send(producer, queue, POISON)
     behind = [send(producer, queue, {"args": {"id": n}}) for n in range(5)]
     workers = []
@@ -137,9 +138,10 @@ def test_gevent_a_poison_message_that_kills_the_whole_worker_is_refused_by_a_rep
             "\n".join(w.output.splitlines()[-15:]) for w in workers)
         worker = spawn("gevent", **env)  # a replacement, as the pod's restart would start
         workers.append(worker)
+        # The poison comes back by the replacement's sweep: within the visibility timeout and two sweeps.
         wait_for(lambda: worker.process.poll() is not None  # noqa: B023
-                 or read_metas(results, [poison]).get(poison, {}).get("status") == "FAILURE", 60,
-                 "the worker to die or the poison to be refused")
+                 or read_metas(results, [poison]).get(poison, {}).get("status") == "FAILURE",
+                 redelivery_wait(visibility), "the worker to die or the poison to be refused")
     assert len(workers) >= MAX + 1  # MAX died; a later one refused the message and lives on
     assert len(own_model.behaviour.killed) == MAX
     assert_refused_after_exactly(results, poison, own_model)
