@@ -119,9 +119,15 @@ class InProcess:
 @contextmanager
 def in_process(env: dict[str, str], answer: Answer, extensions: list[Extension] = ()) -> Iterator[InProcess]:  # type: ignore[assignment]
     """``InProcess`` for ``env``, its deps installed (the previous ones put back after)."""
+    from forwarder.extensions.redelivery import messages_restored
+    from forwarder.model_outage import outage_changed
+
     settings = Settings.from_env(env)
     forwarder = InProcess(settings, answer, list(extensions))
     previous = deps._current
+    # What the extensions' installs connect (the worker does it once per process): put back after the run, so
+    # no later test's extension is shadowed by one of this run's (a receiver with the same dispatch_uid).
+    connected = {signal: list(signal.receivers) for signal in (messages_restored, outage_changed)}
     deps.install(forwarder.deps)
     for extension in forwarder.extensions:
         extension.install(forwarder.app, settings)
@@ -131,4 +137,7 @@ def in_process(env: dict[str, str], answer: Answer, extensions: list[Extension] 
         yield forwarder
     finally:
         signals.task_postrun.disconnect(dispatch_uid=uid)
+        for signal, receivers in connected.items():
+            signal.receivers[:] = receivers
+            signal.sender_receivers_cache.clear()
         deps._current = previous
