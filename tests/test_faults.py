@@ -25,6 +25,7 @@ from tests.support.faults import (
     POOLS,
     model_env,
     read_metas,
+    redelivery_wait,
     send,
     sqs_counts,
     statuses,
@@ -65,8 +66,9 @@ def test_sigkilled_worker_tasks_are_redelivered_and_complete(
     second = spawn(pool, **env, **statsd_env(agent.port))
 
     # Then every task completes: the two killed mid-flight were delivered again once their visibility
-    # timeout passed (by the replacement's periodic sweep, forwarder.redelivery), nothing was lost
-    metas = wait_final(results, ids, 30, [second])
+    # timeout passed (by the replacement's periodic sweep, forwarder.redelivery), nothing was lost, within
+    # the timeout and two sweeps of the replacement's start (a slower sweep fails here)
+    metas = wait_final(results, ids, redelivery_wait(VISIBILITY), [second])
     assert set(statuses(metas).values()) == {"SUCCESS"}
     seen = own_model.behaviour.requests
     assert sorted(seen[str(n)] for n in range(4)) == [1, 1, 2, 2], seen

@@ -4,17 +4,24 @@ Each behaviour below was checked against llm-engine's source (see README, "Switc
 forwarder"): string ``args`` are forwarded; a callback without auth carries basic (user_id, ""); a failed
 task stores no traceback and its callback carries no stack trace; an endpoint config listing ``billing``
 starts, warns once, and runs the hooks this worker has.
+
+In process (fast, ``tests/support/inprocess.py``): a model call that fails (an HTTP answer that is no JSON, a
+refused connection, an unexpected exception) stores llm-engine's failure meta and calls back with no stack
+trace, through Celery's own task tracer and the worker's own app and deps.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 
 import pytest
+import requests
 
 from devtools.demo import send
 from devtools.servers import wait_for
+from tests.support.inprocess import Answer, in_process
 
 POOLS = ["prefork", "gevent"]
 USER_ID = "user-7f3a"
@@ -68,3 +75,54 @@ def test_a_switching_producer_sees_llm_engines_behaviour(
     assert "Traceback" not in failure_callback.raw.decode() and "error_metadata" not in failure_callback.body
     assert failure_callback.basic_auth == (USER_ID, "")
     assert model.behaviour.total == 1  # only the string request reached the model
+
+
+# ----------------------------------------------------------------------------------- in process (fast)
+
+#: A frame line of a Python traceback.
+FRAME_LINE = re.compile(r'File "[^"]+", line \d+')
+CALLBACK = "http://127.0.0.1:9/cb"
+
+
+def model_fails(how: str) -> Answer:
+    """The model's side of each failure: an HTTP answer that is no JSON, a connection refused, a bug."""
+    def answer(request):
+        if how == "http":
+            return 500, b"<html>Internal Server Error</html>"
+        if how == "connection":
+            return requests.ConnectionError("[Errno 111] Connection refused")
+        return RuntimeError("unexpected: the transport broke")
+    return answer
+
+
+def assert_no_trace(where: str, text: str) -> None:
+    assert "Traceback" not in text and not FRAME_LINE.search(text), f"{where} carries a stack trace: {text!r}"
+
+
+@pytest.mark.parametrize(("how", "exc_type", "error"), [
+    ("http", "ModelResponseError", "answered HTTP 500 with a body that is not JSON"),
+    ("connection", "ModelConnectionError", "unreachable"),
+    ("unexpected", "RuntimeError", "unexpected: the transport broke"),
+])
+def test_a_failed_model_call_stores_and_calls_back_no_traceback(how, exc_type, error):
+    env = {"FORWARDER_HOOKS": "callback", "FORWARDER_CALLBACK_ALLOWED_HOSTS": "127.0.0.1"}
+    with in_process(env, model_fails(how)) as forwarder:
+        # The connection error fails the task on its last retry (earlier ones are retried, not stored).
+        retries = forwarder.settings.retry_max if how == "connection" else 0
+        meta = forwarder.run({"args": {"id": 1}, "callback_url": CALLBACK}, retries=retries)
+    assert forwarder.transport.posts >= 1
+    # The meta llm-engine's API reads: state, exc_type and exc_message (the error text), traceback null.
+    assert meta["status"] == "FAILURE" and meta["traceback"] is None, meta
+    result = meta["result"]
+    custom = json.loads(result["custom"])
+    assert set(custom) == {"error", "error_metadata"} and error in custom["error"]
+    assert result["exc_type"] == exc_type and result["exc_message"] == [custom["error"]]  # the exception's args
+    # llm-engine's error_metadata, "Internal failure\n<trace>": the one place a trace is kept (llm-engine's format;
+    # its API never reads `custom`, and hands callers str(exc)). Nowhere else in the meta:
+    assert custom["error_metadata"].startswith("Internal failure\n")
+    elsewhere = {**meta, "result": {**result, "custom": {"error": custom["error"]}}}
+    assert_no_trace("the stored meta", json.dumps(elsewhere))
+    # The callback: task id, state and the error text; nothing of the trace.
+    ((url, body),) = forwarder.callbacks
+    assert url == CALLBACK and body == {"task_id": meta["task_id"], "state": "FAILURE", "error": custom["error"]}
+    assert_no_trace("the callback body", json.dumps(body))

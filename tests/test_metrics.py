@@ -1,7 +1,9 @@
 """DogStatsD metrics: the packets a real worker sends under both pools, and that sending never slows a task.
 
 The ``agent`` fixture (tests/support/dogstatsd.py), a UDP listener on 127.0.0.1, plays the Datadog agent
-(``DD_AGENT_HOST``/``DD_DOGSTATSD_PORT``).
+(``DD_AGENT_HOST``/``DD_DOGSTATSD_PORT``). In process (fast): the metrics extension's real handlers, driven by
+Celery's tracer over the worker's app (``tests/support/inprocess.py``), send every metric by its literal name
+and tags (``EVERY_METRIC``), and every metric the dashboard and monitors query is one of them.
 """
 
 from __future__ import annotations
@@ -204,6 +206,152 @@ def test_arrival_timestamps():
     assert arrival_time("yesterday") is None and arrival_time(None) is None and arrival_time(5) is None
     aware = datetime.now(UTC) - timedelta(hours=25)
     assert 25 * 3600 - 5 < age_seconds(arrival_time(aware.isoformat())) < 25 * 3600 + 5  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------- every name, in process
+
+
+#: Every metric the worker sends, by its literal name (a renamed metric breaks a dashboard or a monitor, here
+#: and in llm-engine's): its DogStatsD type and its tags, beyond the global ones (env, service, version from
+#: DD_*, endpoint_id and endpoint_name). llm-engine's four (``DatadogInferenceMonitoringMetricsGateway`` in
+#: model-engine/model_engine_server/inference/infra/gateways/datadog_inference_monitoring_metrics_gateway.py)
+#: keep its names and tags: counters, ``queue_name`` on the task ones, none on the hook ones.
+BASE_TAGS = {"queue", "pool"}
+TASK_TAGS = BASE_TAGS | {"task_name"}
+EVERY_METRIC: dict[str, tuple[str, set[str]]] = {
+    "scale_launch.async_task.received.count": ("c", {"queue_name"}),
+    "scale_launch.async_task.stuck.count": ("c", {"queue_name"}),
+    "scale_launch.post_inference_hook.callback.attempt": ("c", set()),
+    "scale_launch.post_inference_hook.callback.success": ("c", set()),
+    "scale_launch.post_inference_hook.logging.attempt": ("c", set()),
+    "scale_launch.post_inference_hook.logging.success": ("c", set()),
+    "forwarder.task.succeeded": ("c", TASK_TAGS),
+    "forwarder.task.failed": ("c", TASK_TAGS | {"exc_type"}),
+    "forwarder.task.retried": ("c", TASK_TAGS),
+    "forwarder.task.refused": ("c", TASK_TAGS),
+    "forwarder.task.expired": ("c", TASK_TAGS),
+    "forwarder.task.handed_back": ("c", TASK_TAGS),
+    "forwarder.task.end_to_end_seconds": ("d", TASK_TAGS | {"outcome"}),
+    "forwarder.model.responses": ("c", TASK_TAGS | {"status_code"}),
+    "forwarder.model.latency_seconds": ("d", TASK_TAGS | {"status_code"}),
+    "forwarder.hook.failed": ("c", BASE_TAGS | {"hook", "error_type"}),
+    "forwarder.hook.skipped": ("c", BASE_TAGS | {"hook"}),
+    "forwarder.worker.in_flight": ("g", BASE_TAGS),
+    "forwarder.worker.concurrency": ("g", BASE_TAGS),
+    "forwarder.worker.saturation": ("g", BASE_TAGS),
+    "forwarder.worker.rss_bytes": ("g", BASE_TAGS | {"process"}),
+    "forwarder.firehose.client_built": ("c", BASE_TAGS),
+    "forwarder.firehose.sts_failed": ("c", BASE_TAGS | {"error_type"}),
+    "forwarder.firehose.client_build_failed": ("c", BASE_TAGS | {"error_type"}),
+    "forwarder.broker.restored": ("c", BASE_TAGS),
+    "forwarder.model.available": ("g", BASE_TAGS),
+    "forwarder.model.waiting": ("g", BASE_TAGS),
+    "forwarder.model.outages": ("c", BASE_TAGS),
+    "forwarder.model.outage_seconds": ("d", BASE_TAGS),
+}
+#: Added to every metric by the client (from DD_ENV, DD_SERVICE, DD_VERSION when set) and by the settings.
+UNIFIED = {"env", "service", "version"}
+IDENTITY = {"endpoint_id:end-1", "endpoint_name:my-endpoint"}
+CALLBACK_URL = "http://127.0.0.1:9/cb"
+
+
+def answers_by_id(request):
+    """The model: JSON for every request but id "bad", which gets an HTML page (the task fails)."""
+    if b'"bad"' in request.body:
+        return 500, b"<html>oops</html>"
+    return 200, b'{"ok": true}'
+
+
+def tags_by_key(packet) -> dict[str, str]:
+    return {tag.split(":", 1)[0]: tag.split(":", 1)[1] for tag in packet.tags}
+
+
+def test_the_metrics_extension_sends_every_name_with_its_tags_exactly(agent):
+    from celery import states
+    from celery.exceptions import Reject, Retry
+
+    from forwarder.extensions.delivery_cap import PoisonMessage
+    from forwarder.extensions.metrics import TaskMetrics
+    from forwarder.extensions.redelivery import messages_restored
+    from forwarder.model_outage import ENDED, STARTED
+    from forwarder.request_ttl import RequestExpired
+    from forwarder.tasks import TASK_NAME
+    from gateways.firehose import BUILD_FAILED, CLIENT_BUILT, STS_FAILED
+    from tests.support.inprocess import in_process
+
+    env = {"DD_AGENT_HOST": "127.0.0.1", "DD_DOGSTATSD_PORT": str(agent.port), "FORWARDER_ENDPOINT_ID": "end-1",
+           "FORWARDER_ENDPOINT_NAME": "my-endpoint", "CELERY_QUEUE": "q-metrics", "FORWARDER_STUCK_AFTER": "60",
+           "FORWARDER_HOOKS": "callback", "FORWARDER_CALLBACK_ALLOWED_HOSTS": "127.0.0.1"}
+    extension = TaskMetrics()
+    old = datetime.now() - timedelta(minutes=5)  # naive local time, as llm-engine sends: stuck after 60 s
+    with in_process(env, answers_by_id, [extension]) as forwarder:
+        # The task path as a worker runs it: a success (stuck, called back), a failure (called back),
+        # a success whose callback fails, and one with no callback to make (skipped).
+        ok = forwarder.run({"args": {"id": "ok"}, "callback_url": CALLBACK_URL}, old)
+        bad = forwarder.run({"args": {"id": "bad"}, "callback_url": CALLBACK_URL}, datetime.now())
+        forwarder.run({"args": {"id": "cb"}, "callback_url": "http://127.0.0.1:9/fail"}, datetime.now())
+        forwarder.run({"args": {"id": "none"}}, datetime.now())
+        assert (ok["status"], bad["status"]) == ("SUCCESS", "FAILURE")
+        # The outcomes the tracer does not reach here: retried, handed back, refused, expired.
+        task = forwarder.app.tasks[TASK_NAME]
+        for state, retval in ((states.RETRY, Retry()), (states.REJECTED, Reject("shutdown", requeue=True)),
+                              (states.FAILURE, PoisonMessage("delivered 3 times")),
+                              (states.FAILURE, RequestExpired("waited too long"))):
+            task.push_request(id="t-other", args=[{"args": {}}, datetime.now(), False])
+            try:
+                extension.task_done(task, "t-other", state, retval)
+            finally:
+                task.pop_request()
+        # The other senders: the logging hook's observer, the Firehose gateway's, the redelivery sweep's
+        # signal, the outage watcher's, the gauges' timer.
+        extension.hook_event("logging", "attempt", "")
+        extension.hook_event("logging", "success", "")
+        for event, error in ((CLIENT_BUILT, ""), (STS_FAILED, "ClientError"), (BUILD_FAILED, "EndpointConnectionError")):
+            extension.firehose_event(event, error)
+        messages_restored.send(sender=None, count=2)
+        extension.outage_event(event=STARTED)
+        extension.outage_event(event=ENDED, seconds=3.0)
+        extension.gauges()
+        extension.metrics.flush()
+    agent.wait("forwarder.model.outage_seconds", 3)
+    sent = {packet.name for packet in agent.packets}
+    assert sent == set(EVERY_METRIC), (sorted(sent - set(EVERY_METRIC)), sorted(set(EVERY_METRIC) - sent))
+    for packet in agent.packets:
+        kind, keys = EVERY_METRIC[packet.name]
+        assert packet.kind == kind, packet
+        assert IDENTITY <= packet.tags, packet
+        assert set(tags_by_key(packet)) - UNIFIED == keys | {"endpoint_id", "endpoint_name"}, packet
+        tags = tags_by_key(packet)
+        if "queue_name" in keys:
+            assert tags["queue_name"] == "q-metrics"
+        if "queue" in keys:
+            assert (tags["queue"], tags["pool"]) == ("q-metrics", "prefork")
+        if "task_name" in keys:
+            assert tags["task_name"] == TASK_NAME
+    # The task path's values: the counts per outcome, what failed and how, and the model's answers.
+    assert agent.total("scale_launch.async_task.received.count") == 4
+    assert agent.total("scale_launch.async_task.stuck.count") == 1
+    assert agent.total("forwarder.task.succeeded") == 3
+    assert agent.total("forwarder.task.failed", "exc_type:ModelResponseError") == 1
+    assert agent.total("forwarder.model.responses", "status_code:200") == 3
+    assert {p.tags & {"outcome:success", "outcome:failure"} for p in agent.named("forwarder.task.end_to_end_seconds")} \
+        >= {frozenset({"outcome:success"}), frozenset({"outcome:failure"})}
+    assert agent.total("scale_launch.post_inference_hook.callback.attempt") == 4  # one per task, as llm-engine
+    assert agent.total("scale_launch.post_inference_hook.callback.success") == 2  # ok and bad: delivered
+    assert agent.total("forwarder.hook.failed", "hook:callback", "error_type:CallbackError") == 1
+    assert agent.total("forwarder.hook.skipped", "hook:callback") == 1
+    assert agent.total("forwarder.broker.restored") == 2
+
+
+def test_every_metric_the_dashboard_and_monitors_query_is_one_the_worker_sends_by_that_name():
+    from tests.test_dashboards import GLOBAL_TAGS, INTEGRATIONS, queries, uses
+
+    for where, query in queries():
+        for metric, tags in uses(query):
+            if metric in INTEGRATIONS:
+                continue
+            assert metric in EVERY_METRIC, f"{where}: {metric} is not sent by the worker"
+            assert tags <= EVERY_METRIC[metric][1] | GLOBAL_TAGS, f"{where}: {metric} {tags}"
 
 
 # ----------------------------------------------------------------------------------- worker

@@ -1,22 +1,99 @@
 """A message that kills every worker that runs it is refused after FORWARDER_MAX_DELIVERIES deliveries.
 
-The test's model answers the poison request by SIGKILLing the process that sent it (as an OOM kill would):
+In process (fast): the cap is among the extensions the worker builds, for the default settings, and refuses
+the delivery over its limit (its decision, with the real task context). Against real workers: the test's model answers the poison request by SIGKILLing the process that sent it (as an OOM kill would):
 the prefork child, or the whole gevent worker, which the test then replaces as Kubernetes would.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 import redis
 
 from devtools.servers import free_port, wait_for
+from forwarder import deps
+from forwarder.app import build_app
+from forwarder.extensions.delivery_cap import CapDeliveries, PoisonMessage
+from forwarder.settings import Settings
+from forwarder.tasks import TASK_NAME
 from tests.support.faults import *  # noqa: F403  (helpers and fixtures)
-from tests.support.faults import model_env, read_metas, send, statuses, wait_error_meta, wait_final
+from tests.support.faults import model_env, read_metas, redelivery_wait, send, statuses, wait_error_meta, wait_final
 
 MAX = 3
 POISON = {"args": {"id": "poison"}}
+
+
+SQS_ENV = {"CELERY_BROKER_URL": "sqs://", "CELERY_SQS_QUEUE_URL": "http://127.0.0.1:1/q"}
+
+
+class MemoryCounter:
+    """``gateways.delivery_counter.DeliveryCounter``'s three calls on a dict, in place of the broker's Redis."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def started(self, key: str) -> int:
+        self.counts[key] += 1
+        return self.counts[key]
+
+    def finished(self, key: str) -> None:
+        self.counts[key] -= 1
+
+    def handed_back(self, key: str) -> None:
+        self.counts[key] -= 1
+
+
+def installed_cap(env: dict[str, str]) -> tuple[CapDeliveries, object]:
+    """The cap among the extensions the worker builds (``deps.build_deps``), installed on the worker's app."""
+    settings = Settings.from_env(env)
+    app = build_app(settings)
+    caps = [ext for ext in deps.build_deps(settings).extensions if isinstance(ext, CapDeliveries)]
+    assert len(caps) == 1, "the delivery cap is not among the worker's extensions"
+    caps[0].install(app, settings)
+    return caps[0], app.tasks[TASK_NAME]
+
+
+def deliver(cap: CapDeliveries, task, task_id: str, **request) -> None:
+    """One delivery as the worker runs it: the task's context pushed, the cap's ``before_task``."""
+    task.push_request(id=task_id, retries=0, **request)
+    try:
+        cap.before_task(task, task_id)
+    finally:
+        task.pop_request()
+
+
+def test_by_default_the_cap_is_installed_and_refuses_the_delivery_after_three_that_died():
+    cap, task = installed_cap({})  # the Redis broker, FORWARDER_MAX_DELIVERIES unset
+    assert cap.limit == MAX and cap.counter is not None
+    cap.counter = MemoryCounter()  # type: ignore[assignment]  # the broker's Redis, in memory
+    deliver(cap, task, "t-1", delivery_info={"redelivered": False})  # a first delivery: runs, counts nothing
+    assert cap.counter.counts == Counter()  # type: ignore[attr-defined]
+    # Each redelivery is counted; the first (presumed dead) plus the counted ones that died: 1, 2, then 3.
+    for _ in range(MAX - 1):
+        deliver(cap, task, "t-1", delivery_info={"redelivered": True})  # its worker dies: nothing taken back
+    with pytest.raises(PoisonMessage, match=f"delivered {MAX} times and its worker died each time"):
+        deliver(cap, task, "t-1", delivery_info={"redelivered": True})
+    # Another message is not affected.
+    deliver(cap, task, "t-2", delivery_info={"redelivered": True})
+
+
+@pytest.mark.parametrize(("received", "refused"), [(1, False), (MAX, False), (MAX + 1, True), (50, True)])
+def test_on_sqs_the_cap_refuses_by_the_messages_receive_count(received, refused):
+    cap, task = installed_cap(SQS_ENV)
+    assert cap.limit == MAX and cap.counter is None  # no write at all: SQS counts
+    if refused:
+        with pytest.raises(PoisonMessage):
+            deliver(cap, task, "t-sqs", forwarder_receive_count=received)
+    else:
+        deliver(cap, task, "t-sqs", forwarder_receive_count=received)
+
+
+def test_max_deliveries_zero_turns_the_cap_off():
+    cap, task = installed_cap({**SQS_ENV, "FORWARDER_MAX_DELIVERIES": "0"})
+    deliver(cap, task, "t-off", forwarder_receive_count=1000)
 
 
 def assert_refused_after_exactly(results, poison_id: str, own_model) -> None:
@@ -48,8 +125,9 @@ def test_gevent_a_poison_message_that_kills_the_whole_worker_is_refused_by_a_rep
     spawn, producer, results, queue, own_model
 ):
     own_model.behaviour.kill_senders = {"poison": 99}
-    env = dict(CELERY_WORKER_CONCURRENCY="1", FORWARDER_MAX_DELIVERIES=str(MAX), CELERY_BROKER_VISIBILITY_TIMEOUT="2",
-               **model_env(own_model))
+    visibility = 2
+    env = dict(CELERY_WORKER_CONCURRENCY="1", FORWARDER_MAX_DELIVERIES=str(MAX),
+               CELERY_BROKER_VISIBILITY_TIMEOUT=str(visibility), **model_env(own_model))
     poison = send(producer, queue, POISON)
     behind = [send(producer, queue, {"args": {"id": n}}) for n in range(5)]
     workers = []
@@ -60,9 +138,10 @@ def test_gevent_a_poison_message_that_kills_the_whole_worker_is_refused_by_a_rep
             "\n".join(w.output.splitlines()[-15:]) for w in workers)
         worker = spawn("gevent", **env)  # a replacement, as the pod's restart would start
         workers.append(worker)
+        # The poison comes back by the replacement's sweep: within the visibility timeout and two sweeps.
         wait_for(lambda: worker.process.poll() is not None  # noqa: B023
-                 or read_metas(results, [poison]).get(poison, {}).get("status") == "FAILURE", 60,
-                 "the worker to die or the poison to be refused")
+                 or read_metas(results, [poison]).get(poison, {}).get("status") == "FAILURE",
+                 redelivery_wait(visibility), "the worker to die or the poison to be refused")
     assert len(workers) >= MAX + 1  # MAX died; a later one refused the message and lives on
     assert len(own_model.behaviour.killed) == MAX
     assert_refused_after_exactly(results, poison, own_model)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import threading
 from types import SimpleNamespace
 
 import pytest
 
 from forwarder import acks
-from forwarder.app import broker_transport_options, celery_config
+from forwarder.app import broker_transport_options, build_app, celery_config
 from forwarder.pools import MARGIN, pool_sizes
 from forwarder.settings import Settings
 
@@ -37,6 +38,25 @@ def test_the_sizes_reach_celery_and_kombu():
     sqs = Settings.from_env({"CELERY_WORKER_POOL": "gevent", "CELERY_WORKER_CONCURRENCY": "64",
                              "CELERY_BROKER_URL": "sqs://", "CELERY_SQS_QUEUE_URL": "http://127.0.0.1:1/q"})
     assert broker_transport_options(sqs)["client-config"] == {"max_pool_connections": 64 + MARGIN}
+
+
+@pytest.mark.parametrize("pool", ["gevent", "prefork"])
+def test_one_result_backend_per_process_not_per_thread_or_greenlet(pool):
+    # result_backend_thread_safe: Celery keeps one backend (one Redis pool, one S3 client) per app; off, one per
+    # thread, which under gevent (threading.local patched) is one per greenlet: a new connection per task.
+    # tests/test_worker.py counts the connections a real gevent worker makes; here the setting and its effect.
+    settings = Settings.from_env({"CELERY_WORKER_POOL": pool, "CELERY_WORKER_CONCURRENCY": "8"})
+    assert celery_config(settings)["result_backend_thread_safe"] is True
+    app = build_app(settings)
+    assert app.conf.result_backend_thread_safe is True
+    main = app.backend  # built once, in the main thread (concurrent first uses would each build their own)
+    seen: list[object] = []
+    threads = [threading.Thread(target=lambda: seen.append(app.backend)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(seen) == 4 and all(backend is main for backend in seen)
 
 
 class Blip(ConnectionError):

@@ -32,6 +32,24 @@ __all__ = ["POOLS", "FINAL", "send", "read_metas", "wait_final", "wait_error_met
 
 POOLS = ["prefork", "gevent"]
 FINAL = ("SUCCESS", "FAILURE")
+#: Seconds a redelivered task needs once its message is back in the queue: taken, run (a model answering at
+#: once), stored and read here.
+REDELIVERY_SLACK = 5.0
+
+
+def sweep_every(visibility: float) -> float:
+    """The redelivery sweep's pace as documented (forwarder/extensions/redelivery.py): every half visibility
+    timeout, within 1 to 10 s. Restated here, not imported: a sweep slowed in the code must not lengthen the
+    waits below with it (tests/test_redelivery.py pins the function and the step to this)."""
+    return min(10.0, max(1.0, visibility / 2))
+
+
+def redelivery_wait(visibility: float, slack: float = REDELIVERY_SLACK) -> float:
+    """Longest wait, from a live worker's start, for a dead worker's unacknowledged messages to come back and
+    complete: their visibility timeout, two sweeps (the one due as they expire may tick just before), and
+    ``slack``. Derived from the configured visibility timeout, not a fixed 30-60 s: a sweep ten times slower
+    misses it (and fails in seconds), where a fixed minute let it pass."""
+    return visibility + 2 * sweep_every(visibility) + slack
 
 
 def send(producer: Celery, queue: str, request: Any, name: str = TASK_NAME, **options: Any) -> str:
