@@ -171,7 +171,7 @@ def outcome_stored(backend: Any, task_id: str) -> bool:
     """Whether a final state (SUCCESS or FAILURE) is stored for ``task_id``; False when the store is unreachable."""
     try:
         # One read, not get_task_meta's retry loop: under prefork this runs in the main process, whose event
-        # loop must not sleep through a store outage.
+        # loop must not sleep through a store outage. Private to Celery: tests/test_upstream_contracts.py.
         return backend._get_task_meta_for(task_id).get("status") in states.READY_STATES
     except Exception as exc:  # the store is down: nothing can be known to be stored
         release_exception(exc)
