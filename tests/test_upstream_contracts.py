@@ -236,7 +236,9 @@ def test_celery_request_public_properties_and_the_methods_checked_request_overri
     assert request.message is message and request.connection_errors == (OSError,)
     assert request.args == [{"x": 1}, 1.0] and request.kwargs == {}
     # Celery hands _request_dict to the pool (execute_using_pool): the property must be that very dict.
-    assert request.request_dict is request._request_dict and "_request_dict" in code_names(Request.execute_using_pool)
+    assert request.request_dict is request._request_dict and "_request_dict" in code_names(Request.execute_using_pool), \
+        broke("celery.worker.request.Request.request_dict", ("celery",), ours,
+              "It is no longer the dict Celery hands to the pool: the SQS receive count would not reach the task.")
     assert request.request_dict[RECEIVE_COUNT_KEY] == 3 and request.acknowledged is False, broke(
         "celery.worker.request.Request.request_dict", ("celery",), ours,
         "It is no longer the live dict the task's context is built from: the SQS receive count (the delivery "
