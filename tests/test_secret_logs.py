@@ -76,6 +76,11 @@ def assert_none_of(output: str, secrets: list[str]) -> None:
         assert secret not in output, f"{secret!r} logged:\n{output}"
 
 
+def test_a_password_in_any_url_setting_is_a_known_secret():
+    settings = Settings.from_env({**ENV, "FORWARDER_HEALTHCHECK_URL": "http://probe:model-url-pw-31@127.0.0.1:5005/readyz"})
+    assert "model-url-pw-31" in secret_values(settings, {})
+
+
 def test_secret_values_cover_urls_callback_auth_signing_and_aws_keys():
     values = secret_values(Settings.from_env(ENV), AWS_ENV)
     for secret in SETTINGS_SECRETS:

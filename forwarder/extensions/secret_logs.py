@@ -32,7 +32,7 @@ from celery.worker.consumer import consumer as celery_consumer
 
 from forwarder.errors import is_secret_variable
 from forwarder.extensions.base import Extension
-from forwarder.settings import Settings
+from forwarder.settings import VARS, Settings
 from forwarder.urls import MASK
 
 #: Kept at INFO or above even with CELERY_LOG_LEVEL=DEBUG.
@@ -143,12 +143,16 @@ def secret_values(settings: Settings, environ: Mapping[str, str] | None = None) 
     """Every secret value this worker knows, in every form it may be written, longest first."""
     environ = os.environ if environ is None else environ
     found: list[str] = []
-    for url in (settings.broker_url, settings.result_backend):
-        password = _url_password(url)
+    for var in VARS:  # every URL's password (broker, result backend, model, callback...), every secret variable
+        value = getattr(settings, var.attr, None)
+        if not isinstance(value, str) or not value:
+            continue
+        if is_secret_variable(var.name):
+            found.append(value)
+        password = _url_password(value) if "://" in value else None
         if password:
             found += _forms(password)
     if settings.callback_password:
-        found.append(settings.callback_password)
         user_pass = f"{settings.callback_username}:{settings.callback_password}".encode()
         found.append(base64.b64encode(user_pass).decode("ascii"))
     for secret in settings.callback_signing_secret.split():
@@ -230,6 +234,22 @@ def mask_on_handlers(mask: MaskKnownSecrets, *loggers: logging.Logger | None) ->
                 handler.addFilter(mask)
 
 
+def mask_known_secrets(settings: Settings) -> None:
+    """From now on, the known secret values are masked on every handler: the root's now, and each handler
+    Celery sets up later (its logging signals). Idempotent."""
+    mask = MaskKnownSecrets(secret_values(settings))
+    if not mask.secrets:
+        return
+
+    def after_setup(logger: logging.Logger | None = None, **_: Any) -> None:
+        # Celery replaced or added handlers (the root's, the task logger's): the mask goes on each.
+        mask_on_handlers(mask, logging.getLogger(), logger, get_multiprocessing_logger())
+
+    mask_on_handlers(mask, logging.getLogger())
+    signals.after_setup_logger.connect(after_setup, weak=False, dispatch_uid="forwarder.log.mask")
+    signals.after_setup_task_logger.connect(after_setup, weak=False, dispatch_uid="forwarder.log.mask.task")
+
+
 class KeepSecretsOutOfLogs(Extension):
     """Credential loggers at INFO or above; refused messages logged without their contents; the known
     secret values masked on every handler."""
@@ -240,14 +260,4 @@ class KeepSecretsOutOfLogs(Extension):
         logger = logging.getLogger(celery_consumer.__name__)
         if not any(isinstance(f, HideRefusedMessageContents) for f in logger.filters):
             logger.addFilter(HideRefusedMessageContents())
-        mask = MaskKnownSecrets(secret_values(settings))
-        if not mask.secrets:
-            return
-
-        def after_setup(logger: logging.Logger | None = None, **_: Any) -> None:
-            # Celery replaced or added handlers (the root's, the task logger's): the mask goes on each.
-            mask_on_handlers(mask, logging.getLogger(), logger, get_multiprocessing_logger())
-
-        mask_on_handlers(mask, logging.getLogger())
-        signals.after_setup_logger.connect(after_setup, weak=False, dispatch_uid="forwarder.log.mask")
-        signals.after_setup_task_logger.connect(after_setup, weak=False, dispatch_uid="forwarder.log.mask.task")
+        mask_known_secrets(settings)  # again: harmless when the worker did it first
