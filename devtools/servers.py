@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import psutil
 
@@ -71,10 +72,12 @@ class RedisServer:
     No persistence by default. ``persistent=True``: an append-only file fsynced on every write
     (``appendfsync always``) in a folder of its own, so ``restart()`` loses nothing, as a production broker
     with AOF; the folder is removed when this object is collected (or at exit).
+    ``password``: clients must authenticate (``--requirepass``); ``url`` carries it (``redis://:password@``).
     """
 
-    def __init__(self, port: int | None = None, *, persistent: bool = False) -> None:
+    def __init__(self, port: int | None = None, *, persistent: bool = False, password: str | None = None) -> None:
         self.port = port or free_port()
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
         self.data_dir: Path | None = None
         if persistent:
@@ -83,7 +86,8 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}"
 
     def start(self) -> RedisServer:
         persistence = ["--appendonly", "no"]
@@ -91,6 +95,8 @@ class RedisServer:
             persistence = ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.data_dir)]
         args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 *persistence, "--protected-mode", "no", "--loglevel", "warning"]
+        if self.password:
+            args += ["--requirepass", self.password]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self.ping, 10, f"redis-protocol server on port {self.port}")
         return self
@@ -98,6 +104,11 @@ class RedisServer:
     def ping(self) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                if self.password:  # RESP array: AUTH <password>, binary-safe whatever its characters
+                    secret = self.password.encode()
+                    sock.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(secret), secret))
+                    if not sock.recv(64).startswith(b"+OK"):
+                        return False
                 sock.sendall(b"PING\r\n")
                 return sock.recv(16).startswith(b"+PONG")
         except OSError:

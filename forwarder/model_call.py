@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery._state import get_current_task
+from celery import current_task
 
 STATUS_KEY = "forwarder_model_status"
 SECONDS_KEY = "forwarder_model_seconds"
@@ -16,8 +16,7 @@ SECONDS_KEY = "forwarder_model_seconds"
 
 def note_model_call(status_code: int | None, seconds: float) -> None:
     """Record the running task's model call (``status_code`` None: no answer); no-op outside a task."""
-    task = get_current_task()
-    request = task.request if task is not None else None
+    request = current_task.request if current_task else None  # Celery's public proxy: falsy outside a task
     if request is not None:
         setattr(request, STATUS_KEY, status_code)
         setattr(request, SECONDS_KEY, seconds)

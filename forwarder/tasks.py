@@ -102,7 +102,7 @@ class CheckedRequest(Request):
     def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
         try:
             super().__init__(message, *args, **kwargs)
-            if not isinstance(self._args, (list, tuple)) or not isinstance(self._kwargs, dict):
+            if not isinstance(self.args, (list, tuple)) or not isinstance(self.kwargs, dict):
                 raise InvalidTaskError("malformed task message: body is not [args (array), kwargs (object), embed]")
         except InvalidTaskError as exc:
             refused = exc
@@ -120,7 +120,8 @@ class CheckedRequest(Request):
         sqs_message = (getattr(message, "delivery_info", None) or {}).get("sqs_message") or {}
         received = (sqs_message.get("Attributes") or {}).get("ApproximateReceiveCount")
         if received is not None:
-            self._request_dict[RECEIVE_COUNT_KEY] = int(received)
+            # request_dict is the live dict the task's context is built from (tests/test_upstream_contracts.py)
+            self.request_dict[RECEIVE_COUNT_KEY] = int(received)
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
         """Celery's handling, except that a task whose outcome is not stored is handed back, not acked.
@@ -148,14 +149,14 @@ class CheckedRequest(Request):
         """Ack the message, retrying a broker blip (``forwarder.acks``) instead of kombu's log-and-forget,
         and never on a channel a reconnect closed (that ended the worker: issue 22)."""
         if not self.acknowledged:  # type: ignore[has-type]
-            acks.acknowledge(self._message, self.task_id, self._connection_errors)
+            acks.acknowledge(self.message, self.task_id, self.connection_errors)
             self.acknowledged = True
 
     def reject(self, requeue: bool = False) -> None:
         """Reject (``requeue``: back to the queue) as ``acknowledge`` acks: Celery's own on a lost worker, a
         ``Reject`` (``extensions.shutdown_handback``) and an unstored outcome (``on_failure``) all come here."""
         if not self.acknowledged:
-            acks.reject(self._message, self.task_id, requeue, self._connection_errors)
+            acks.reject(self.message, self.task_id, requeue, self.connection_errors)
             self.acknowledged = True
             self.send_event("task-rejected", requeue=requeue)
 
@@ -170,7 +171,7 @@ def outcome_stored(backend: Any, task_id: str) -> bool:
     """Whether a final state (SUCCESS or FAILURE) is stored for ``task_id``; False when the store is unreachable."""
     try:
         # One read, not get_task_meta's retry loop: under prefork this runs in the main process, whose event
-        # loop must not sleep through a store outage.
+        # loop must not sleep through a store outage. Private to Celery: tests/test_upstream_contracts.py.
         return backend._get_task_meta_for(task_id).get("status") in states.READY_STATES
     except Exception as exc:  # the store is down: nothing can be known to be stored
         release_exception(exc)

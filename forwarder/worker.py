@@ -8,6 +8,7 @@ from typing import Any
 
 from forwarder import deps
 from forwarder.app import build_app
+from forwarder.extensions.secret_logs import mask_known_secrets
 from forwarder.extensions.task_log import configure_logging, log_configuration
 from forwarder.settings import Settings
 
@@ -45,6 +46,7 @@ def run_worker(settings: Settings, notes: Sequence[str] = ()) -> int:
         ModelNotReady: the model server was not ready within FORWARDER_READY_TIMEOUT.
     """
     configure_logging(settings)  # text or JSON (FORWARDER_LOG_FORMAT); kept through Celery's own setup
+    mask_known_secrets(settings)  # from the first line on (the model's URL may carry a password)
     for note in notes:
         logger.info(note)
     log_configuration(settings)

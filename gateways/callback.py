@@ -242,7 +242,9 @@ class _GuardedConnectionMixin:
     """Resolve, check and connect in one step, to the checked addresses only (no DNS rebinding).
 
     Replaces urllib3's ``HTTPConnection._new_conn``; everything after the TCP connect (TLS with SNI and
-    certificate checks against the URL's host name, the Host header) is urllib3's own.
+    certificate checks against the URL's host name, the Host header) is urllib3's own. urllib3 documents
+    ``ConnectionCls`` and ``socket_options`` but no hook between resolving and connecting, so the override
+    stays; ``tests/test_upstream_contracts.py`` pins ``_new_conn``, ``_dns_host`` and that connect calls it.
     """
 
     guard: DestinationGuard  # set on the generated subclasses

@@ -12,6 +12,9 @@ SQS), so the next poll follows the ack. Empty polls still wait ``polling_interva
 sends SQS no more requests than before. Each call still schedules exactly one follow-up, so there
 is never more than one polling loop per queue.
 
+kombu has no transport option for this: ``_schedule_queue`` (private) is overridden, and its shape and
+kombu's full-window wait are pinned by ``tests/test_upstream_contracts.py``.
+
 Selected with Celery's ``broker_transport`` setting (``sqs://`` URLs stay as they are); producers are
 unaffected.
 """

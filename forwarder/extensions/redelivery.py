@@ -109,7 +109,8 @@ def restore_counted(qos: Any, limit: int | None) -> int:
 
     kombu returns nothing, and calls ``restore_by_tag`` once per message whose visibility timeout passed:
     that call is counted for the duration of this sweep only (the instance attribute shadows the method and
-    is removed afterwards).
+    is removed afterwards). kombu offers no public count: ``tests/test_upstream_contracts.py`` pins this shape,
+    so a kombu upgrade that changes it fails the fast tests instead of silently disabling the delivery cap.
     """
     restored = 0
     restore_by_tag = qos.restore_by_tag

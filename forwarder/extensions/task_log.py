@@ -205,7 +205,10 @@ def _log_warning(
 
 def _say_in_json() -> None:
     """Celery's signal handlers print ``worker: Warm shutdown (MainProcess)`` and the like with
-    ``celery.apps.worker.safe_say`` (a raw write: no logging in a signal handler): the same write, as JSON."""
+    ``celery.apps.worker.safe_say`` (a raw write: no logging in a signal handler): the same write, as JSON.
+
+    Celery has no hook for these lines, so its module function is replaced; ``tests/test_upstream_contracts.py``
+    pins its signature and that Celery's handlers look it up by name."""
     from celery.apps import worker as celery_worker
 
     write = getattr(celery_worker, "_original_os_write", os.write)
