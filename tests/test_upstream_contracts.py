@@ -21,6 +21,9 @@ Private names used that need no test here:
 
 - kombu virtual ``QoS._delivered``/``_dirty``/``_remove_from_indices``/``restore_by_tag``/``append`` and
   ``Channel.do_restore``: pinned in ``tests/test_reconnect_contract.py`` (acks, reconnect).
+- kombu Redis ``Channel._brpop_start``/``_brpop_read`` (with ``_in_poll``, ``_brpop_sent_at``,
+  ``_queue_cycle``) and ``QoS.append``, overridden by ``gateways/redis_transport.py`` (BLMOVE into an
+  in-transit list): pinned in ``tests/test_in_transit.py``.
 - ``celery.apps.worker._original_os_write`` (``extensions/task_log.py``): read with ``getattr`` and
   ``os.write`` as the fallback; only a gevent-patched write would be used instead of the raw one.
 - ``urllib.parse.SplitResult._replace`` (``forwarder/urls.py``): public namedtuple API despite its name.
