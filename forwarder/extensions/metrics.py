@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,13 @@ from celery.worker import state as worker_state
 from forwarder.extensions.base import Extension
 from forwarder.extensions.delivery_cap import PoisonMessage
 from forwarder.extensions.redelivery import messages_restored
+from forwarder.hooks import HookRunner
 from forwarder.model_call import model_call
-from forwarder.model_outage import ENDED, STARTED, outage_changed
+from forwarder.model_outage import ENDED, STARTED, ModelOutage, outage_changed
 from forwarder.request_ttl import RequestExpired
 from forwarder.settings import Settings
 from gateways.dogstatsd import Metrics
-from gateways.firehose import BUILD_FAILED, CLIENT_BUILT, STS_FAILED
+from gateways.firehose import BUILD_FAILED, CLIENT_BUILT, STS_FAILED, FirehoseGateway
 
 logger = logging.getLogger(__name__)
 
@@ -104,10 +106,23 @@ def age_seconds(arrival: datetime, now: datetime | None = None) -> float:
 
 
 class TaskMetrics(Extension):
-    """Sends the task, hook and worker metrics."""
+    """Sends the task, hook and worker metrics.
+
+    ``hooks``, ``firehose`` and ``outage`` are what it observes, handed over by whoever builds the extensions
+    (``forwarder.deps``); without them (extensions installed alone, in tests) those metrics are not sent.
+    """
 
     metrics: Metrics
-    outage: Any = None
+
+    def __init__(
+        self,
+        hooks: HookRunner | None = None,
+        firehose: Sequence[FirehoseGateway] = (),
+        outage: ModelOutage | None = None,
+    ) -> None:
+        self.hooks = hooks
+        self.firehose = tuple(firehose)
+        self.outage = outage
 
     def install(self, app: Celery, settings: Settings) -> None:
         self.metrics = build_metrics(settings)
@@ -122,18 +137,10 @@ class TaskMetrics(Extension):
         self._hook_metrics: dict[tuple[str, str, str], tuple[str, tuple[str, ...]]] = {}
         if not settings.metrics:
             return
-        from forwarder import deps  # deps builds the extensions: imported here, not at module load
-
-        try:
-            current = deps.current()  # the worker installs its deps before the extensions
-        except RuntimeError:
-            current = None  # extensions installed alone (tests): no hooks to observe
-        runner = current.hooks if current is not None else None
-        self.outage = current.outage if current is not None else None
-        if runner is not None:
-            runner.observe(self.hook_event)
-            for gateway in deps.firehose_gateways(runner):
-                gateway.observe(self.firehose_event)
+        if self.hooks is not None:
+            self.hooks.observe(self.hook_event)
+        for gateway in self.firehose:
+            gateway.observe(self.firehose_event)
         messages_restored.connect(self.restored)
         outage_changed.connect(self.outage_event, weak=False, dispatch_uid="forwarder.metrics.outage")
         app.steps["consumer"].add(type("WorkerGauges", (WorkerGauges,), {"extension": self}))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, bootsteps, signals
@@ -65,7 +66,7 @@ class IntakeControl(bootsteps.StartStopStep):
         would race the rebuild.
         """
         extension = self.extension
-        if extension is None or worker_state.should_stop is not None:
+        if extension is None or extension.outage is None or worker_state.should_stop is not None:
             return
         if c.connection is None or c.task_consumer is None or getattr(c.blueprint, "state", None) != bootsteps.RUN:
             return
@@ -90,18 +91,19 @@ class PauseIntakeWhileModelAway(Extension):
     #: Whether IntakeControl cancelled the queue (kept here: Celery may rebuild the step on a reconnect).
     paused = False
 
-    def install(self, app: Celery, settings: Settings) -> None:
-        from forwarder import deps  # deps builds the extensions: imported here, not at module load
+    def __init__(self, outage: ModelOutage | None = None, model_ready: Callable[[], tuple[bool, str]] | None = None) -> None:
+        """``outage``: the shared state (``forwarder.deps`` builds it); ``model_ready``: the readiness check the
+        watcher probes while the model is away. Without them (extensions installed alone, in tests): nothing."""
+        self.outage = outage
+        self.model_ready = model_ready
 
-        try:
-            current = deps.current()  # the worker installs its deps before the extensions
-        except RuntimeError:
-            return  # extensions installed alone (tests): no model to watch
-        self.outage: ModelOutage = current.outage
+    def install(self, app: Celery, settings: Settings) -> None:
+        if self.outage is None or self.model_ready is None:
+            return
         self.queue = settings.queue
         self.main_pid = os.getpid()
         self.files = HealthFiles(settings.health_dir)
-        self.watcher = OutageWatcher(self.outage, current.model.is_ready, settings.healthcheck_url)
+        self.watcher = OutageWatcher(self.outage, self.model_ready, settings.healthcheck_url)
         app.steps["consumer"].add(type("IntakeControl", (IntakeControl,), {"extension": self}))
         outage_changed.connect(self._outage_changed, weak=False, dispatch_uid="forwarder.outage.probe")
         signals.worker_shutting_down.connect(self._shutting_down, weak=False, dispatch_uid="forwarder.outage.stop")
@@ -114,4 +116,5 @@ class PauseIntakeWhileModelAway(Extension):
         self.files.mark_model_away(event == STARTED)
 
     def _shutting_down(self, **_: Any) -> None:
-        self.outage.mark_stopping()
+        if self.outage is not None:
+            self.outage.mark_stopping()
