@@ -24,11 +24,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from celery import Celery, Task, bootsteps, states
+from celery import Celery, Task, states
 from celery.exceptions import Reject
 from celery.worker import state as worker_state
 
-from forwarder.extensions.base import Extension
+from forwarder.extensions.base import Extension, RepeatingStep, add_step
 from forwarder.extensions.delivery_cap import PoisonMessage
 from forwarder.extensions.redelivery import messages_restored
 from forwarder.hooks import HookRunner
@@ -143,7 +143,7 @@ class TaskMetrics(Extension):
             gateway.observe(self.firehose_event)
         messages_restored.connect(self.restored)
         outage_changed.connect(self.outage_event, weak=False, dispatch_uid="forwarder.metrics.outage")
-        app.steps["consumer"].add(type("WorkerGauges", (WorkerGauges,), {"extension": self}))
+        add_step(app, WorkerGauges, self)
 
     def process_start(self) -> None:
         """Build this process's client now (a prefork child: its own), not on a task's path."""
@@ -287,34 +287,17 @@ class TagCache:
         return tags
 
 
-class WorkerGauges(bootsteps.StartStopStep):
-    """Consumer step: the worker gauges every ``GAUGE_INTERVAL`` seconds, on the main process's timer."""
+class WorkerGauges(RepeatingStep):
+    """Consumer step: the worker gauges every ``GAUGE_INTERVAL`` seconds, on the main process's timer (owner: ``TaskMetrics``)."""
 
-    requires = ("celery.worker.consumer.tasks:Tasks",)
-    #: Set on the subclass ``TaskMetrics.install`` adds.
-    extension: TaskMetrics | None = None
+    owner: TaskMetrics | None
 
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
-        super().__init__(parent, **kwargs)
-        self.tref: Any = None
+    def interval(self, c: Any) -> float:
+        return GAUGE_INTERVAL if self.owner is not None else 0.0
 
-    def start(self, c: Any) -> None:
-        if self.extension is not None:
-            self.tref = c.timer.call_repeatedly(GAUGE_INTERVAL, self.tick, (self.extension,))
-
-    def stop(self, c: Any) -> None:
-        if self.tref is not None:
-            self.tref.cancel()
-            self.tref = None
-
-    shutdown = stop
-
-    @staticmethod
-    def tick(extension: TaskMetrics) -> None:
-        try:
-            extension.gauges()
-        except Exception as exc:  # never stop the timer
-            logger.warning("worker gauges failed: %s: %s", type(exc).__name__, exc)
+    def tick(self, c: Any) -> None:
+        if self.owner is not None:
+            self.owner.gauges()
 
 
 def rss_bytes(pid: int) -> int:
