@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from forwarder.callback_hook import CallbackHook
 from forwarder.extensions import Extensions, default_extensions
 from forwarder.hooks import Hook, HookRunner
-from forwarder.logging_hook import LoggingHook
+from forwarder.hooks.callback import CallbackHook
+from forwarder.hooks.firehose_log import LoggingHook
 from forwarder.model_attempts import RetryPolicy
 from forwarder.model_outage import ModelOutage
 from forwarder.settings import Settings
