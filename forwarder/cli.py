@@ -1,4 +1,4 @@
-"""Command line: run the worker (default), ``check`` the environment, ``probe`` it, or run the local ``demo``.
+"""Command line: run the worker (default), ``check`` the environment or ``probe`` it (the demo: ``make demo``).
 
 Exit statuses: 0 done, 2 invalid configuration, 3 model server not ready, 1 anything else (``probe``: the
 probe failed). ``probe`` does not come through here when launched: ``forwarder.launch`` sends it to
