@@ -43,22 +43,20 @@ def parser(prog: str = "python -m forwarder") -> argparse.ArgumentParser:
     commands.add_parser("run", help="run the worker (the default)")
     commands.add_parser("check", help="validate the environment and exit")
     add_probe_parser(commands)
-    # Once a command here; the demo is dev tooling (devtools/), which the runtime never imports.
-    demo = commands.add_parser("demo")
-    demo.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return root
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
          prog: str = "python -m forwarder") -> int:
     """Parse the command, load settings and run it; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # once a command here; the runtime never imports dev tooling
+        print(DEMO_MOVED, file=sys.stderr)
+        return EXIT_CONFIG
     args = parser(prog).parse_args(argv)
     env = os.environ if environ is None else environ
     if args.command == "probe":
         return run_probe(require_probe(args), env)
-    if args.command == "demo":
-        print(DEMO_MOVED, file=sys.stderr)
-        return EXIT_CONFIG
     try:
         settings = load_settings(env)
         raised = ensure_open_files(settings.pools.open_files)
