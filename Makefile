@@ -15,7 +15,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $(STAMP)
 
 demo: $(STAMP)  ## run the whole flow locally (prefork); POOL=gevent for the gevent pool
-	$(PY) -m forwarder demo --pool $(or $(POOL),prefork)
+	$(PY) -m devtools.demo --pool $(or $(POOL),prefork)
 
 test: $(STAMP) lint  ## lint, then the whole test suite against real local servers
 	$(PY) -m pytest $(PYTEST_ARGS)

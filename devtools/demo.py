@@ -1,4 +1,4 @@
-"""``python -m forwarder demo``: the whole flow on this machine, with nothing to set up.
+"""``make demo`` (``python -m devtools.demo``): the whole flow on this machine, with nothing to set up.
 
 Starts a Redis-protocol server, the example model server and a callback endpoint, launches the worker as
 production does (``python -m forwarder``), and sends tasks exactly as llm-engine's gateway sends them: some
@@ -10,6 +10,7 @@ the stored results, the callbacks the endpoint received, the worker's task lines
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -170,3 +171,17 @@ def run_demo(pool: str = "prefork", tasks: int = 8) -> int:
         print(f"{name:<{width}}  {seen:<22} {'yes' if ok else 'NO'}")
     print(f"demo: {memory_note}")
     return 0 if all(ok for _, _, ok in checks) and code == 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m devtools.demo [--pool prefork|gevent] [--tasks N]``."""
+    parser = argparse.ArgumentParser(prog="python -m devtools.demo", description="run the whole flow locally on "
+                                     "embedded servers (a source checkout's dev tooling, never in the image)")
+    parser.add_argument("--pool", choices=("prefork", "gevent"), default="prefork")
+    parser.add_argument("--tasks", type=int, default=8, help="sample tasks to send (default 8)")
+    args = parser.parse_args(argv)
+    return run_demo(pool=args.pool, tasks=args.tasks)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

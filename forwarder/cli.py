@@ -1,4 +1,4 @@
-"""Command line: run the worker (default), ``check`` the environment, ``probe`` it, or run the local ``demo``.
+"""Command line: run the worker (default), ``check`` the environment or ``probe`` it (the demo: ``make demo``).
 
 Exit statuses: 0 done, 2 invalid configuration, 3 model server not ready, 1 anything else (``probe``: the
 probe failed). ``probe`` does not come through here when launched: ``forwarder.launch`` sends it to
@@ -24,6 +24,8 @@ from forwarder.urls import safe_url
 from gateways.model_server import ModelNotReady
 
 EXIT_NOT_READY = 3
+DEMO_MOVED = ("forwarder: the demo is dev tooling, run from a source checkout: "
+              "make demo, or python -m devtools.demo --pool prefork|gevent")
 logger = logging.getLogger("forwarder")
 
 
@@ -37,30 +39,24 @@ def parser(prog: str = "python -m forwarder") -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     root.add_argument("--version", action="version", version=f"celery-forwarder {__version__}")
-    commands = root.add_subparsers(dest="command", metavar="{run,check,probe,demo}")
+    commands = root.add_subparsers(dest="command", metavar="{run,check,probe}")
     commands.add_parser("run", help="run the worker (the default)")
     commands.add_parser("check", help="validate the environment and exit")
     add_probe_parser(commands)
-    demo = commands.add_parser("demo", help="run the whole flow locally on embedded servers")
-    demo.add_argument("--pool", choices=("prefork", "gevent"), default="prefork")
-    demo.add_argument("--tasks", type=int, default=8, help="sample tasks to send (default 8)")
     return root
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
          prog: str = "python -m forwarder") -> int:
     """Parse the command, load settings and run it; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # once a command here; the runtime never imports dev tooling
+        print(DEMO_MOVED, file=sys.stderr)
+        return EXIT_CONFIG
     args = parser(prog).parse_args(argv)
     env = os.environ if environ is None else environ
     if args.command == "probe":
         return run_probe(require_probe(args), env)
-    if args.command == "demo":
-        try:  # dev tooling: in a source checkout, never in the image
-            from devtools.demo import run_demo
-        except ImportError:
-            print("forwarder: the demo needs a source checkout (devtools/ is not installed here)", file=sys.stderr)
-            return EXIT_CONFIG
-        return run_demo(pool=args.pool, tasks=args.tasks)
     try:
         settings = load_settings(env)
         raised = ensure_open_files(settings.pools.open_files)

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from forwarder.callback_hook import CallbackHook
 from forwarder.extensions import Extensions, default_extensions
 from forwarder.hooks import Hook, HookRunner
-from forwarder.logging_hook import LoggingHook
+from forwarder.hooks.callback import CallbackHook
+from forwarder.hooks.firehose_log import LoggingHook
 from forwarder.model_attempts import RetryPolicy
 from forwarder.model_outage import ModelOutage
 from forwarder.settings import Settings
@@ -44,14 +44,20 @@ _current: Deps | None = None
 
 
 def build_deps(settings: Settings) -> Deps:
-    """Build the task collaborators (cheap: clients connect lazily)."""
+    """Build the task collaborators (cheap: clients connect lazily).
+
+    The extensions get what they observe or act on here, as they are built: they never reach back for it.
+    """
+    model = model_client(settings)
+    outage = ModelOutage(settings.model_outage_max)
+    hooks = HookRunner([build_hook(name, settings) for name in settings.hooks])
     return Deps(
         settings=settings,
-        model=model_client(settings),
-        outage=ModelOutage(settings.model_outage_max),
+        model=model,
+        outage=outage,
         retry_policy=retry_policy(settings),
-        hooks=HookRunner([build_hook(name, settings) for name in settings.hooks]),
-        extensions=default_extensions(),
+        hooks=hooks,
+        extensions=default_extensions(hooks, firehose_gateways(hooks), outage, model.is_ready),
     )
 
 

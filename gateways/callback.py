@@ -9,9 +9,9 @@ The URL is user input, so every delivery is guarded against server-side request 
   multicast, reserved and other non-global addresses are refused, also when embedded in IPv6
   (IPv4-mapped ``::ffff:a.b.c.d``, 6to4, Teredo).
 - DNS rebinding: the check is repeated inside the connection, at the moment the socket is opened, and
-  the socket connects only to the addresses that check returned (``_GuardedConnection``). The URL, the
-  Host header, TLS SNI and certificate verification are untouched, so HTTPS works as usual. There is no
-  window between "check" and "connect" in which a second DNS answer could be used.
+  the socket connects only to the addresses that check returned (``GuardedHTTPConnection`` and its HTTPS
+  twin). The URL, the Host header, TLS SNI and certificate verification are untouched, so HTTPS works as
+  usual. There is no window between "check" and "connect" in which a second DNS answer could be used.
 - Redirects are not followed; environment proxies, ``.netrc`` and ``REQUESTS_CA_BUNDLE`` are ignored
   (``trust_env = False``): a proxy would resolve the host itself and defeat the check.
 A refusal raises ``CallbackRefused`` before any byte is sent.
@@ -51,6 +51,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+from urllib3.poolmanager import PoolManager
 from urllib3.util import connection as urllib3_connection
 
 from gateways.cached_client import CachedClient
@@ -245,15 +246,19 @@ class _GuardedConnectionMixin:
     certificate checks against the URL's host name, the Host header) is urllib3's own. urllib3 documents
     ``ConnectionCls`` and ``socket_options`` but no hook between resolving and connecting, so the override
     stays; ``tests/test_upstream_contracts.py`` pins ``_new_conn``, ``_dns_host`` and that connect calls it.
+    The ``guard`` comes from the pool's connection arguments (``_GuardedPoolManager``).
     """
 
-    guard: DestinationGuard  # set on the generated subclasses
     _dns_host: str
     host: str
     port: int
     timeout: Any
     source_address: Any
     socket_options: Any
+
+    def __init__(self, *args: Any, guard: DestinationGuard, **kwargs: Any) -> None:
+        self.guard = guard
+        super().__init__(*args, **kwargs)
 
     def _new_conn(self) -> socket.socket:
         try:
@@ -279,6 +284,38 @@ class _GuardedConnectionMixin:
         raise NewConnectionError(self, f"Failed to establish a new connection: {error}") from error  # type: ignore[arg-type]
 
 
+class GuardedHTTPConnection(_GuardedConnectionMixin, HTTPConnection):
+    """An HTTP connection to the addresses its guard checked, and no other."""
+
+
+class GuardedHTTPSConnection(_GuardedConnectionMixin, HTTPSConnection):
+    """An HTTPS connection to the addresses its guard checked, and no other."""
+
+
+class GuardedHTTPConnectionPool(HTTPConnectionPool):
+    ConnectionCls = GuardedHTTPConnection
+
+
+class GuardedHTTPSConnectionPool(HTTPSConnectionPool):
+    ConnectionCls = GuardedHTTPSConnection
+
+
+class _GuardedPoolManager(PoolManager):
+    """Opens guarded pools, whose connections get ``guard`` (pool keyword arguments would name a pool key)."""
+
+    def __init__(self, guard: DestinationGuard, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.guard = guard
+        self.pool_classes_by_scheme = {"http": GuardedHTTPConnectionPool, "https": GuardedHTTPSConnectionPool}
+
+    def _new_pool(
+        self, scheme: str, host: str, port: int, request_context: dict[str, Any] | None = None
+    ) -> HTTPConnectionPool:
+        pool = super()._new_pool(scheme, host, port, request_context)
+        pool.conn_kw["guard"] = self.guard  # urllib3 passes conn_kw to each new connection
+        return pool
+
+
 class _GuardedAdapter(HTTPAdapter):
     """An HTTPAdapter whose pools open only guarded connections."""
 
@@ -287,14 +324,10 @@ class _GuardedAdapter(HTTPAdapter):
         super().__init__(**kwargs)
 
     def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
-        super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
-        attrs = {"guard": self._guard}
-        http_conn = type("GuardedHTTPConnection", (_GuardedConnectionMixin, HTTPConnection), attrs)
-        https_conn = type("GuardedHTTPSConnection", (_GuardedConnectionMixin, HTTPSConnection), attrs)
-        self.poolmanager.pool_classes_by_scheme = {
-            "http": type("GuardedHTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),
-            "https": type("GuardedHTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn}),
-        }
+        super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)  # its bookkeeping
+        self.poolmanager = _GuardedPoolManager(
+            self._guard, num_pools=connections, maxsize=maxsize, block=block, **pool_kwargs
+        )
 
     def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
         # A proxy resolves the host itself, which would bypass the guard; trust_env=False means none

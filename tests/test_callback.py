@@ -27,9 +27,9 @@ import gateways.callback as callback_module
 from devtools.demo import send
 from devtools.servers import free_port, wait_for
 from forwarder import deps
-from forwarder.callback_hook import CallbackAuthError
 from forwarder.errors import HookError
 from forwarder.hooks import HookRunner
+from forwarder.hooks.callback import CallbackAuthError
 from forwarder.settings import Settings
 from gateways.callback import CallbackClient, CallbackError, CallbackRefused, DestinationGuard, forbidden_reason
 from tests.support.callback import CallbackReceiver
@@ -415,7 +415,7 @@ def test_hook_falls_back_to_the_default_url_and_auth(callback_receiver):
 
 
 def test_hook_without_any_url_returns_quietly(callback_receiver, caplog):
-    caplog.set_level(logging.DEBUG, logger="forwarder.callback_hook")
+    caplog.set_level(logging.DEBUG, logger="forwarder.hooks.callback")
     hook = deps.callback_hook(settings())
     hook({"args": {}}, {"result": "r", "task_id": "t"}, "t")
     assert "no callback URL" in caplog.text

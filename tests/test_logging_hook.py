@@ -15,7 +15,7 @@ from devtools.demo import send
 from devtools.servers import ModelServer, WorkerProcess
 from forwarder import deps
 from forwarder.hooks import HookRunner
-from forwarder.logging_hook import REDACTED, TRUNCATED_FIELD, LoggingHook, is_secret_key
+from forwarder.hooks.firehose_log import REDACTED, TRUNCATED_FIELD, LoggingHook, is_secret_key
 from forwarder.payload import error_payload
 from forwarder.settings import Settings
 from gateways.firehose import MAX_RECORD_BYTES

@@ -22,9 +22,9 @@ import pytest
 
 from devtools.demo import send
 from devtools.servers import free_port, wait_for
-from forwarder.callback_hook import CallbackHook
 from forwarder.extensions.metrics import age_seconds, arrival_time
 from forwarder.hooks import HookRunner
+from forwarder.hooks.callback import CallbackHook
 from gateways.dogstatsd import Metrics, parse_url
 from tests.support.aws import unique_role_arn
 from tests.support.dogstatsd import statsd_env

@@ -26,6 +26,8 @@ Adding a concern: one module in this package, one line in ``default_extensions``
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from forwarder.extensions.base import Extension, Extensions
 from forwarder.extensions.close_clients import CloseClients
 from forwarder.extensions.delivery_cap import CapDeliveries
@@ -43,12 +45,25 @@ from forwarder.extensions.shutdown_handback import HandBackOnShutdown
 from forwarder.extensions.summary import Summary
 from forwarder.extensions.task_log import TaskLog
 from forwarder.extensions.trace_errors import FlagFailuresInTrace
+from forwarder.hooks import HookRunner
+from forwarder.model_outage import ModelOutage
+from gateways.firehose import FirehoseGateway
 
 __all__ = ["Extension", "Extensions", "default_extensions"]
 
 
-def default_extensions() -> Extensions:
-    """The worker's extensions, outermost first (``after_task``/``task_done``/``process_stop`` run last to first)."""
+def default_extensions(
+    hooks: HookRunner | None = None,
+    firehose: Sequence[FirehoseGateway] = (),
+    outage: ModelOutage | None = None,
+    model_ready: Callable[[], tuple[bool, str]] | None = None,
+) -> Extensions:
+    """The worker's extensions, outermost first (``after_task``/``task_done``/``process_stop`` run last to first).
+
+    What some of them observe or act on is handed over here (``forwarder.deps`` builds it): the hook runner and
+    the Firehose gateways behind it (metrics), the shared model-outage state (metrics, intake control) and the
+    model's readiness check (the outage watcher). Without them those parts stay off (extensions alone, in tests).
+    """
     return Extensions(
         [
             KeepSecretsOutOfLogs(),  # credential loggers at INFO+, refused messages without contents
@@ -56,13 +71,13 @@ def default_extensions() -> Extensions:
             TaskLog(),  # JSON or text log format; one line per finished task (its clock starts first)
             CloseClients(),  # process stop: close every cached client
             MemoryDebug(),  # FORWARDER_MEMORY_DEBUG: per-process tracing and dumps; else SIGUSR2 ignored
-            TaskMetrics(),  # DogStatsD: every attempt (refused ones too), outcomes, hooks, saturation, RSS
+            TaskMetrics(hooks, firehose, outage),  # DogStatsD: every attempt (refused ones too), outcomes, hooks, saturation, RSS
             Summary(),  # FORWARDER_SUMMARY_INTERVAL: a log line of counts, in flight and model p50/p99
             RedeliverySweep(),  # Redis broker: restore a dead worker's unacked messages every few seconds
             AdoptReconnects(),  # Redis broker: after a reconnect, settle late acks on the new channel, strand nothing
             ReadyLine(),  # "forwarder ready: ..." once consuming
             HealthProbes(),  # files for `probe live|ready`: a heartbeat from the consumer's loop, ready/stopping marks
-            PauseIntakeWhileModelAway(),  # model server away: no intake, taken tasks wait in place (model_outage)
+            PauseIntakeWhileModelAway(outage, model_ready),  # model server away: no intake, taken tasks wait in place (model_outage)
             FlagFailuresInTrace(),  # ddtrace: a failed task's span is an error
             ExpireOldRequests(),  # FORWARDER_REQUEST_TTL: a request that waited too long: stored FAILURE, unrun
             CapDeliveries(),  # a message whose deliveries all killed their worker: refused, stored FAILURE

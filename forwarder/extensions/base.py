@@ -1,8 +1,10 @@
-"""The extension interface, and the ordered runner that wires every extension into Celery once.
+"""The extension interface, the ordered runner that wires every extension into Celery once, and the
+consumer step that runs something every few seconds on the worker's own timer.
 
 An extension is one concern around every task or process (logs, metrics, probes, guarantees). Each
 method is a no-op unless overridden, as in dramatiq's middleware. Celery signals, task methods and
-bootsteps stay the mechanism underneath; ``Extensions.install`` is the only place that connects them.
+bootsteps stay the mechanism underneath; ``Extensions.install`` is the only place that connects the
+signals and task methods, and ``add_step`` the bootsteps.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from celery import Celery, Task, signals
+from celery import Celery, Task, bootsteps, signals
 
 if TYPE_CHECKING:
     from forwarder.settings import Settings
@@ -105,3 +107,57 @@ def _guarded(method: Callable[..., None], *args: Any) -> None:
     except Exception as exc:  # one broken extension must not stop the others or the worker
         owner = type(getattr(method, "__self__", None)).__name__
         logger.critical("extension %s.%s failed: %s: %s", owner, method.__name__, type(exc).__name__, exc)
+
+
+class RepeatingStep(bootsteps.StartStopStep):
+    """Consumer step: ``tick(c)`` every ``interval(c)`` seconds on the consumer's timer, never a thread.
+
+    The timer is the consumer's own (``c.timer``): under prefork the timer of kombu's event loop in the main
+    process, under gevent a greenlet the hub runs; so a tick runs only while that loop turns. A tick that
+    raises is logged and the next one runs. ``owner`` is the extension that added the step (``add_step``);
+    Celery builds steps itself, with ``(consumer, **worker options)``, so it is found through the app.
+    """
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.owner: Any = parent.app.conf.get(owner_key(type(self)))
+        self.tref: Any = None
+
+    def interval(self, c: Any) -> float:
+        """Seconds between ticks; 0 or less: no timer."""
+        raise NotImplementedError
+
+    def tick(self, c: Any) -> None:
+        """One run on the consumer's timer."""
+        raise NotImplementedError
+
+    def start(self, c: Any) -> None:
+        interval = self.interval(c)
+        if interval > 0:
+            self.tref = c.timer.call_repeatedly(interval, self._tick, (c,))
+
+    def stop(self, c: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+
+    shutdown = stop
+
+    def _tick(self, c: Any) -> None:
+        try:
+            self.tick(c)
+        except Exception as exc:  # never stop the timer
+            logger.warning("%s failed: %s: %s", type(self).__name__, type(exc).__name__, exc)
+
+
+def owner_key(step: type[bootsteps.Step]) -> str:
+    """Where ``add_step`` keeps a step's owner in the app's configuration: the step's name (its class path)."""
+    return f"forwarder.step_owner.{step.name}"
+
+
+def add_step(app: Celery, step: type[RepeatingStep], owner: Any = None) -> None:
+    """Add ``step`` to the consumer of ``app``'s worker; the step reaches ``owner`` as ``self.owner``."""
+    app.conf[owner_key(step)] = owner
+    app.steps["consumer"].add(step)

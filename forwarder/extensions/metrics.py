@@ -19,23 +19,25 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from celery import Celery, Task, bootsteps, states
+from celery import Celery, Task, states
 from celery.exceptions import Reject
 from celery.worker import state as worker_state
 
-from forwarder.extensions.base import Extension
+from forwarder.extensions.base import Extension, RepeatingStep, add_step
 from forwarder.extensions.delivery_cap import PoisonMessage
 from forwarder.extensions.redelivery import messages_restored
+from forwarder.hooks import HookRunner
 from forwarder.model_call import model_call
-from forwarder.model_outage import ENDED, STARTED, outage_changed
+from forwarder.model_outage import ENDED, STARTED, ModelOutage, outage_changed
 from forwarder.request_ttl import RequestExpired
 from forwarder.settings import Settings
 from gateways.dogstatsd import Metrics
-from gateways.firehose import BUILD_FAILED, CLIENT_BUILT, STS_FAILED
+from gateways.firehose import BUILD_FAILED, CLIENT_BUILT, STS_FAILED, FirehoseGateway
 
 logger = logging.getLogger(__name__)
 
@@ -104,10 +106,23 @@ def age_seconds(arrival: datetime, now: datetime | None = None) -> float:
 
 
 class TaskMetrics(Extension):
-    """Sends the task, hook and worker metrics."""
+    """Sends the task, hook and worker metrics.
+
+    ``hooks``, ``firehose`` and ``outage`` are what it observes, handed over by whoever builds the extensions
+    (``forwarder.deps``); without them (extensions installed alone, in tests) those metrics are not sent.
+    """
 
     metrics: Metrics
-    outage: Any = None
+
+    def __init__(
+        self,
+        hooks: HookRunner | None = None,
+        firehose: Sequence[FirehoseGateway] = (),
+        outage: ModelOutage | None = None,
+    ) -> None:
+        self.hooks = hooks
+        self.firehose = tuple(firehose)
+        self.outage = outage
 
     def install(self, app: Celery, settings: Settings) -> None:
         self.metrics = build_metrics(settings)
@@ -122,21 +137,13 @@ class TaskMetrics(Extension):
         self._hook_metrics: dict[tuple[str, str, str], tuple[str, tuple[str, ...]]] = {}
         if not settings.metrics:
             return
-        from forwarder import deps  # deps builds the extensions: imported here, not at module load
-
-        try:
-            current = deps.current()  # the worker installs its deps before the extensions
-        except RuntimeError:
-            current = None  # extensions installed alone (tests): no hooks to observe
-        runner = current.hooks if current is not None else None
-        self.outage = current.outage if current is not None else None
-        if runner is not None:
-            runner.observe(self.hook_event)
-            for gateway in deps.firehose_gateways(runner):
-                gateway.observe(self.firehose_event)
+        if self.hooks is not None:
+            self.hooks.observe(self.hook_event)
+        for gateway in self.firehose:
+            gateway.observe(self.firehose_event)
         messages_restored.connect(self.restored)
         outage_changed.connect(self.outage_event, weak=False, dispatch_uid="forwarder.metrics.outage")
-        app.steps["consumer"].add(type("WorkerGauges", (WorkerGauges,), {"extension": self}))
+        add_step(app, WorkerGauges, self)
 
     def process_start(self) -> None:
         """Build this process's client now (a prefork child: its own), not on a task's path."""
@@ -280,34 +287,17 @@ class TagCache:
         return tags
 
 
-class WorkerGauges(bootsteps.StartStopStep):
-    """Consumer step: the worker gauges every ``GAUGE_INTERVAL`` seconds, on the main process's timer."""
+class WorkerGauges(RepeatingStep):
+    """Consumer step: the worker gauges every ``GAUGE_INTERVAL`` seconds, on the main process's timer (owner: ``TaskMetrics``)."""
 
-    requires = ("celery.worker.consumer.tasks:Tasks",)
-    #: Set on the subclass ``TaskMetrics.install`` adds.
-    extension: TaskMetrics | None = None
+    owner: TaskMetrics | None
 
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
-        super().__init__(parent, **kwargs)
-        self.tref: Any = None
+    def interval(self, c: Any) -> float:
+        return GAUGE_INTERVAL if self.owner is not None else 0.0
 
-    def start(self, c: Any) -> None:
-        if self.extension is not None:
-            self.tref = c.timer.call_repeatedly(GAUGE_INTERVAL, self.tick, (self.extension,))
-
-    def stop(self, c: Any) -> None:
-        if self.tref is not None:
-            self.tref.cancel()
-            self.tref = None
-
-    shutdown = stop
-
-    @staticmethod
-    def tick(extension: TaskMetrics) -> None:
-        try:
-            extension.gauges()
-        except Exception as exc:  # never stop the timer
-            logger.warning("worker gauges failed: %s: %s", type(exc).__name__, exc)
+    def tick(self, c: Any) -> None:
+        if self.owner is not None:
+            self.owner.gauges()
 
 
 def rss_bytes(pid: int) -> int:

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, bootsteps, signals
 from celery.worker import state as worker_state
 
-from forwarder.extensions.base import Extension
+from forwarder.extensions.base import Extension, RepeatingStep, add_step
 from forwarder.health import HealthFiles
 from forwarder.model_outage import STARTED, ModelOutage, OutageWatcher, outage_changed
 from forwarder.settings import Settings
@@ -34,28 +35,21 @@ logger = logging.getLogger(__name__)
 INTAKE_INTERVAL = 0.25
 
 
-class IntakeControl(bootsteps.StartStopStep):
-    """Consumer step: consume the task queue only while the model is available."""
+class IntakeControl(RepeatingStep):
+    """Consumer step: consume the task queue only while the model is available (owner: ``PauseIntakeWhileModelAway``)."""
 
-    requires = ("celery.worker.consumer.tasks:Tasks",)
-    #: Set on the subclass ``PauseIntakeWhileModelAway.install`` adds (bootsteps are built by Celery).
-    extension: PauseIntakeWhileModelAway | None = None
+    owner: PauseIntakeWhileModelAway | None
 
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
-        super().__init__(parent, **kwargs)
-        self.tref: Any = None
+    def interval(self, c: Any) -> float:
+        return INTAKE_INTERVAL if self.owner is not None and self.owner.watcher is not None else 0.0
 
     def start(self, c: Any) -> None:
-        if self.extension is not None and self.extension.watcher is not None:
-            self.extension.watcher.start()
-            self.tref = c.timer.call_repeatedly(INTAKE_INTERVAL, self.reconcile, (c,))
+        if self.owner is not None and self.owner.watcher is not None:
+            self.owner.watcher.start()
+        super().start(c)
 
-    def stop(self, c: Any) -> None:
-        if self.tref is not None:
-            self.tref.cancel()
-            self.tref = None
-
-    shutdown = stop
+    def tick(self, c: Any) -> None:
+        self.reconcile(c)
 
     def reconcile(self, c: Any) -> None:
         """Cancel the queue when the model goes away, add it back when it returns: only what this step did.
@@ -64,19 +58,19 @@ class IntakeControl(bootsteps.StartStopStep):
         the task consumer from the selected queues itself (without ours while paused), and touching it then
         would race the rebuild.
         """
-        extension = self.extension
-        if extension is None or worker_state.should_stop is not None:
+        owner = self.owner
+        if owner is None or owner.outage is None or worker_state.should_stop is not None:
             return
         if c.connection is None or c.task_consumer is None or getattr(c.blueprint, "state", None) != bootsteps.RUN:
             return
-        away = extension.outage.away
+        away = owner.outage.away
         try:
-            if away and not extension.paused:
-                c.cancel_task_queue(extension.queue)
-                extension.paused = True
-            elif not away and extension.paused:
-                c.add_task_queue(extension.queue)
-                extension.paused = False
+            if away and not owner.paused:
+                c.cancel_task_queue(owner.queue)
+                owner.paused = True
+            elif not away and owner.paused:
+                c.add_task_queue(owner.queue)
+                owner.paused = False
         except (*c.connection_errors, *c.channel_errors) as exc:  # a broker blip: the next look tries again
             logger.warning("intake control: %s: %s", type(exc).__name__, exc)
         except Exception:  # a bug: said loudly, but the timer (and so intake control) must keep running
@@ -90,19 +84,20 @@ class PauseIntakeWhileModelAway(Extension):
     #: Whether IntakeControl cancelled the queue (kept here: Celery may rebuild the step on a reconnect).
     paused = False
 
-    def install(self, app: Celery, settings: Settings) -> None:
-        from forwarder import deps  # deps builds the extensions: imported here, not at module load
+    def __init__(self, outage: ModelOutage | None = None, model_ready: Callable[[], tuple[bool, str]] | None = None) -> None:
+        """``outage``: the shared state (``forwarder.deps`` builds it); ``model_ready``: the readiness check the
+        watcher probes while the model is away. Without them (extensions installed alone, in tests): nothing."""
+        self.outage = outage
+        self.model_ready = model_ready
 
-        try:
-            current = deps.current()  # the worker installs its deps before the extensions
-        except RuntimeError:
-            return  # extensions installed alone (tests): no model to watch
-        self.outage: ModelOutage = current.outage
+    def install(self, app: Celery, settings: Settings) -> None:
+        if self.outage is None or self.model_ready is None:
+            return
         self.queue = settings.queue
         self.main_pid = os.getpid()
         self.files = HealthFiles(settings.health_dir)
-        self.watcher = OutageWatcher(self.outage, current.model.is_ready, settings.healthcheck_url)
-        app.steps["consumer"].add(type("IntakeControl", (IntakeControl,), {"extension": self}))
+        self.watcher = OutageWatcher(self.outage, self.model_ready, settings.healthcheck_url)
+        add_step(app, IntakeControl, self)
         outage_changed.connect(self._outage_changed, weak=False, dispatch_uid="forwarder.outage.probe")
         signals.worker_shutting_down.connect(self._shutting_down, weak=False, dispatch_uid="forwarder.outage.stop")
 
@@ -114,4 +109,5 @@ class PauseIntakeWhileModelAway(Extension):
         self.files.mark_model_away(event == STARTED)
 
     def _shutting_down(self, **_: Any) -> None:
-        self.outage.mark_stopping()
+        if self.outage is not None:
+            self.outage.mark_stopping()

@@ -21,44 +21,33 @@ import logging
 import os
 from typing import Any
 
-from celery import Celery, bootsteps, signals
+from celery import Celery, signals
 
-from forwarder.extensions.base import Extension
+from forwarder.extensions.base import Extension, RepeatingStep, add_step
 from forwarder.health import HealthFiles, beat_interval
 from forwarder.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
-class Heartbeat(bootsteps.StartStopStep):
-    """Consumer step: refresh the ``live`` file every ``beat_interval`` seconds from the consumer's timer."""
+class Heartbeat(RepeatingStep):
+    """Consumer step: refresh the ``live`` file at once, then every ``beat_interval`` seconds (owner: ``HealthProbes``)."""
 
-    requires = ("celery.worker.consumer.tasks:Tasks",)
-    #: Set by ``HealthProbes.install`` before the worker is built (bootsteps are instantiated by Celery).
-    files: HealthFiles | None = None
-    interval: float = 10.0
+    owner: HealthProbes | None
 
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
-        super().__init__(parent, **kwargs)
-        self.tref: Any = None
+    def interval(self, c: Any) -> float:
+        return self.owner.beat_interval if self.owner is not None else 0.0
 
     def start(self, c: Any) -> None:
-        self.beat()
-        self.tref = c.timer.call_repeatedly(self.interval, self.beat)
+        self.tick(c)
+        super().start(c)
 
-    def stop(self, c: Any) -> None:
-        if self.tref is not None:
-            self.tref.cancel()
-            self.tref = None
-
-    shutdown = stop
-
-    def beat(self) -> None:
+    def tick(self, c: Any) -> None:
         """One heartbeat; never raises (a full disk is logged; the probe then fails, which is right)."""
-        if self.files is None:
+        if self.owner is None:
             return
         try:
-            self.files.beat()
+            self.owner.files.beat()
         except OSError as exc:
             logger.warning("heartbeat for the liveness probe failed: %s: %s", type(exc).__name__, exc)
 
@@ -69,8 +58,8 @@ class HealthProbes(Extension):
     def install(self, app: Celery, settings: Settings) -> None:
         self.files = HealthFiles(settings.health_dir)
         self.main_pid = os.getpid()  # prefork children are forked later: their process hooks do nothing
-        step = type("Heartbeat", (Heartbeat,), {"files": self.files, "interval": beat_interval(settings.liveness_max_age)})
-        app.steps["consumer"].add(step)
+        self.beat_interval = beat_interval(settings.liveness_max_age)
+        add_step(app, Heartbeat, self)
         # The earliest sign of a warm shutdown: sent from Celery's SIGTERM/SIGINT/SIGQUIT handler.
         signals.worker_shutting_down.connect(self._shutting_down, weak=False, dispatch_uid="forwarder.probes.stopping")
 

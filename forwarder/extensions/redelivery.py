@@ -20,10 +20,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import Celery, bootsteps
+from celery import Celery
 from celery.utils.dispatch import Signal
 
-from forwarder.extensions.base import Extension
+from forwarder.extensions.base import Extension, RepeatingStep, add_step
 from forwarder.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -42,26 +42,14 @@ def sweep_interval(visibility_timeout: float) -> float:
     return min(SWEEP_INTERVAL_MAX, max(SWEEP_INTERVAL_MIN, visibility_timeout / 2))
 
 
-class RestoreUnacked(bootsteps.StartStopStep):
+class RestoreUnacked(RepeatingStep):
     """Consumer step: periodically restore unacknowledged messages older than the visibility timeout."""
 
-    requires = ("celery.worker.consumer.tasks:Tasks",)
+    def interval(self, c: Any) -> float:
+        return sweep_interval(float(options_of(c).get("visibility_timeout", 3600)))
 
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
-        super().__init__(parent, **kwargs)
-        self.tref: Any = None
-
-    def start(self, c: Any) -> None:
-        options = options_of(c)
-        interval = sweep_interval(float(options.get("visibility_timeout", 3600)))
-        self.tref = c.timer.call_repeatedly(interval, self.sweep, (c,))
-
-    def stop(self, c: Any) -> None:
-        if self.tref is not None:
-            self.tref.cancel()
-            self.tref = None
-
-    shutdown = stop
+    def tick(self, c: Any) -> None:
+        self.sweep(c)
 
     def sweep(self, c: Any) -> None:
         """One sweep; never raises (a Redis outage is retried at the next tick)."""
@@ -134,4 +122,4 @@ class RedeliverySweep(Extension):
 
     def install(self, app: Celery, settings: Settings) -> None:
         if not settings.broker_is_sqs:
-            app.steps["consumer"].add(RestoreUnacked)
+            add_step(app, RestoreUnacked)

@@ -21,10 +21,10 @@ import multiprocessing
 import time
 from typing import Any
 
-from celery import Celery, Task, bootsteps, states
+from celery import Celery, Task, states
 from celery.worker import state as worker_state
 
-from forwarder.extensions.base import Extension
+from forwarder.extensions.base import Extension, RepeatingStep, add_step
 from forwarder.extensions.task_log import FIELDS_ATTR
 from forwarder.model_call import model_call
 from forwarder.settings import Settings
@@ -100,7 +100,7 @@ class Summary(Extension):
             return
         self.tally = Tally()  # before the children fork: they inherit it
         self.last = time.monotonic()
-        app.steps["consumer"].add(type("SummaryTimer", (SummaryTimer,), {"extension": self}))
+        add_step(app, SummaryTimer, self)
 
     def task_done(self, task: Task, task_id: str, state: str, retval: Any) -> None:
         if self.tally is None:
@@ -137,31 +137,14 @@ class Summary(Extension):
             logger.info("%s: %s", SUMMARY_LINE, text)
 
 
-class SummaryTimer(bootsteps.StartStopStep):
-    """Consumer step: ``Summary.log`` every interval, on the main process's timer."""
+class SummaryTimer(RepeatingStep):
+    """Consumer step: ``Summary.log`` every interval, on the main process's timer (owner: ``Summary``)."""
 
-    requires = ("celery.worker.consumer.tasks:Tasks",)
-    #: Set on the subclass ``Summary.install`` adds.
-    extension: Summary | None = None
+    owner: Summary | None
 
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
-        super().__init__(parent, **kwargs)
-        self.tref: Any = None
+    def interval(self, c: Any) -> float:
+        return self.owner.interval if self.owner is not None else 0.0
 
-    def start(self, c: Any) -> None:
-        if self.extension is not None:
-            self.tref = c.timer.call_repeatedly(self.extension.interval, self.tick, (self.extension,))
-
-    def stop(self, c: Any) -> None:
-        if self.tref is not None:
-            self.tref.cancel()
-            self.tref = None
-
-    shutdown = stop
-
-    @staticmethod
-    def tick(extension: Summary) -> None:
-        try:
-            extension.log()
-        except Exception as exc:  # never stop the timer
-            logger.warning("summary line failed: %s: %s", type(exc).__name__, exc)
+    def tick(self, c: Any) -> None:
+        if self.owner is not None:
+            self.owner.log()

@@ -5,7 +5,11 @@ fails the task and never stops the worker. Each hook gets its own copy of the re
 
 A hook that returns False had nothing to do (the callback hook with no URL): it is counted as skipped,
 not as a success (llm-engine counts it as a success). An optional observer hears every attempt and its
-outcome (``forwarder.extensions.metrics`` turns them into metrics); this module imports no metrics.
+outcome (``forwarder.extensions.metrics`` turns them into metrics); this package imports no metrics.
+
+This module holds the interface and the runner; each hook is one module beside it: ``callback`` (POST the
+response to the caller's URL) and ``firehose_log`` (the ``logging`` hook: one Firehose record per task).
+``forwarder.deps`` builds them by name from FORWARDER_HOOKS.
 """
 
 from __future__ import annotations
