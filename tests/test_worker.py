@@ -42,6 +42,7 @@ def results_db_connections(redis_server, pid: int) -> list[dict]:
     return [c for c in listed if c["db"] == "1" and int(c["addr"].rpartition(":")[2]) in ports]
 
 
+@pytest.mark.smoke  # `make matrix`: the one real-worker test per pool run on the oldest and newest dependency sets
 @pytest.mark.parametrize("pool", POOLS)
 def test_both_task_names_store_llm_engine_wrapped_results(pool, start_worker, producer, model, queue, redis_server):
     start_worker(pool)
