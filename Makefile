@@ -30,7 +30,7 @@ UV ?= $(or $(shell command -v uv 2>/dev/null),.matrix/tool/bin/uv)
 	$(PYTHON) -m venv .matrix/tool
 	.matrix/tool/bin/pip install -q --disable-pip-version-check uv
 
-matrix: $(STAMP) $(UV)  ## test-fast + a real worker per pool on the oldest and newest deps pyproject allows, ~10 min (not in `test`)
+matrix: $(STAMP) $(UV)  ## test-fast + a real worker per pool on the oldest and newest deps pyproject allows, ~5 min (not in `test`)
 	$(PY) -m devtools.matrix --uv $(UV) $(MATRIX_ARGS)
 
 lint: $(STAMP)  ## ruff (incl. B019: no lru_cache on methods), then mypy on forwarder, gateways and devtools
