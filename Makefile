@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help demo test test-fast lint lock bench cost soak scale sizing capacity outage clean
+.PHONY: help demo test test-fast matrix lint lock bench cost soak scale sizing capacity outage clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
@@ -22,6 +22,16 @@ test: $(STAMP) lint  ## lint, then the whole test suite against real local serve
 
 test-fast: $(STAMP)  ## the in-process half of the suite (no server, no worker), in seconds
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+# uv from PATH, else one of its own in .matrix/tool (pip-installed once).
+UV ?= $(or $(shell command -v uv 2>/dev/null),.matrix/tool/bin/uv)
+
+.matrix/tool/bin/uv:
+	$(PYTHON) -m venv .matrix/tool
+	.matrix/tool/bin/pip install -q --disable-pip-version-check uv
+
+matrix: $(STAMP) $(UV)  ## test-fast + a real worker per pool on the oldest and newest deps pyproject allows, ~5 min (not in `test`)
+	$(PY) -m devtools.matrix --uv $(UV) $(MATRIX_ARGS)
 
 lint: $(STAMP)  ## ruff (incl. B019: no lru_cache on methods), then mypy on forwarder, gateways and devtools
 	$(VENV)/bin/ruff check forwarder gateways devtools tests bench
@@ -52,5 +62,5 @@ outage: $(STAMP)  ## the model SIGKILLed for 2 min under load: this worker besid
 capacity: $(STAMP)  ## simulate KEDA scaling on queue depth, seconds; writes bench/results/local/ (untracked)
 	$(PY) -m bench.capacity --out bench/results/local $(CAPACITY_ARGS)
 
-clean:  ## remove the virtualenv and caches
-	rm -rf $(VENV) .ruff_cache .pytest_cache .mypy_cache
+clean:  ## remove the virtualenvs (.venv, .matrix) and caches
+	rm -rf $(VENV) .matrix .ruff_cache .pytest_cache .mypy_cache

@@ -51,6 +51,7 @@ def connections_received(redis_server) -> int:
         client.close()
 
 
+@pytest.mark.smoke  # `make matrix`: the one real-worker test per pool run on the oldest and newest dependency sets
 @pytest.mark.parametrize("pool", POOLS)
 def test_both_task_names_store_llm_engine_wrapped_results(pool, start_worker, producer, model, queue, redis_server):
     start_worker(pool)
