@@ -54,13 +54,17 @@ def plot(section: str, data: dict[str, Any], path: Path) -> None:
         ax.legend(loc="lower right")
     elif section == "scale":
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        for delay in sorted({r["model_delay_s"] for r in data["rows"] if r["variant"]["pool"] == "gevent"}):
-            rows = sorted((r for r in data["rows"] if r["variant"]["pool"] == "gevent" and r["model_delay_s"] == delay),
+        ours = [r for r in data["rows"] if r["variant"].get("program", "forwarder") == "forwarder"]
+        for delay in sorted({r["model_delay_s"] for r in ours if r["variant"]["pool"] == "gevent"}):
+            rows = sorted((r for r in ours if r["variant"]["pool"] == "gevent" and r["model_delay_s"] == delay),
                           key=lambda r: r["concurrency"])
             conc = [r["concurrency"] for r in rows]
             axes[0].plot(conc, [r["ratio_of_limit"] for r in rows], "o-", label=f"gevent, {delay:g} s model")
             axes[1].plot(conc, [r["memory_mb"]["rss"] for r in rows], "o-", label=f"gevent RSS, {delay:g} s model")
-        prefork = sorted((r for r in data["rows"] if r["variant"]["pool"] == "prefork"), key=lambda r: r["concurrency"])
+        for bare in (r for r in data["rows"] if r["variant"].get("program") == "bare"):
+            axes[0].plot([bare["concurrency"]], [bare["ratio_of_limit"]], "k^", label=f"bare Celery, {bare['model_delay_s']:g} s")
+            axes[1].plot([bare["concurrency"]], [bare["memory_mb"]["rss"]], "k^", label="bare Celery RSS")
+        prefork = sorted((r for r in ours if r["variant"]["pool"] == "prefork"), key=lambda r: r["concurrency"])
         if prefork:
             axes[0].plot([r["concurrency"] for r in prefork], [r["ratio_of_limit"] for r in prefork], "s--", label="prefork")
             axes[1].plot([r["concurrency"] for r in prefork], [r["memory_mb"]["rss"] for r in prefork], "s--",

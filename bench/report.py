@@ -74,7 +74,8 @@ def summary(sections: dict[str, dict[str, Any]]) -> str:
                   "| CPU s/1000 tasks | model saw twice | ack/pool errors |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in data["rows"]:
             m = r["memory_mb"]
-            lines.append(f"| {r['variant']['pool']} | {r['concurrency']} | {r['model_delay_s']:g} | {r['tasks_per_s']:.1f} "
+            pool = r["variant"]["pool"] + (" (bare Celery)" if r["variant"].get("program") == "bare" else "")
+            lines.append(f"| {pool} | {r['concurrency']} | {r['model_delay_s']:g} | {r['tasks_per_s']:.1f} "
                          f"| {r['ratio_of_limit']:.3f} | {m['rss']:.0f} | {m['uss']:.0f} | {r['rss_per_in_flight_mb']:.2f} "
                          f"| {r['cpu_s_per_1000']:.2f} | {r['model_duplicates']} | {r['pool_errors']} |")
         for alone in data.get("model_alone", []):
