@@ -282,9 +282,15 @@ def test_the_metrics_extension_sends_every_name_with_its_tags_exactly(agent):
     env = {"DD_AGENT_HOST": "127.0.0.1", "DD_DOGSTATSD_PORT": str(agent.port), "FORWARDER_ENDPOINT_ID": "end-1",
            "FORWARDER_ENDPOINT_NAME": "my-endpoint", "CELERY_QUEUE": "q-metrics", "FORWARDER_STUCK_AFTER": "60",
            "FORWARDER_HOOKS": "callback", "FORWARDER_CALLBACK_ALLOWED_HOSTS": "127.0.0.1"}
-    extension = TaskMetrics()
+    made: list[TaskMetrics] = []
+
+    def metrics_of(built):  # as build_deps hands them over: the hook runner and the outage state it observes
+        made.append(TaskMetrics(built.hooks, (), built.outage))
+        return made
+
     old = datetime.now() - timedelta(minutes=5)  # naive local time, as llm-engine sends: stuck after 60 s
-    with in_process(env, answers_by_id, [extension]) as forwarder:
+    with in_process(env, answers_by_id, metrics_of) as forwarder:
+        (extension,) = made
         # The task path as a worker runs it: a success (stuck, called back), a failure (called back),
         # a success whose callback fails, and one with no callback to make (skipped).
         ok = forwarder.run({"args": {"id": "ok"}, "callback_url": CALLBACK_URL}, old)

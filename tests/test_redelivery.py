@@ -70,7 +70,7 @@ def test_the_step_schedules_its_sweep_at_that_interval_from_the_apps_visibility_
     assert consumer.app.conf.broker_transport_options["visibility_timeout"] == float(visibility or 3600)
     # One repeating timer, at the interval (literal here: a slower sweep in either place fails this) ...
     (scheduled,) = timer.scheduled
-    assert scheduled == (seconds, step.sweep, (consumer,))
+    assert scheduled == (seconds, step._tick, (consumer,))  # RepeatingStep: tick() -> sweep()
     # ... cancelled at stop; a sweep with no channel yet does nothing and raises nothing.
     step.sweep(consumer)
     step.stop(consumer)

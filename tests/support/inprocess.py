@@ -66,7 +66,8 @@ class ModelTransport(BaseAdapter):
 class InProcess:
     """A forwarder's app and deps in this process; ``run`` one task, read its stored meta and the callbacks."""
 
-    def __init__(self, settings: Settings, answer: Answer, extensions: list[Extension]) -> None:
+    def __init__(self, settings: Settings, answer: Answer,
+                 extensions: list[Extension] | Callable[[deps.Deps], list[Extension]]) -> None:
         self.settings = settings
         self.app: Celery = build_app(settings)
         built = deps.build_deps(settings)
@@ -75,7 +76,8 @@ class InProcess:
         session.mount("http://", self.transport)
         session.mount("https://", self.transport)
         built.model.session = CachedClient("model-http-session", lambda: (session, None))
-        self.extensions = Extensions(extensions)
+        # A callable gets the built deps: an extension observes the hooks and outage it is handed (as in build_deps).
+        self.extensions = Extensions(extensions(built) if callable(extensions) else extensions)
         self.deps = dataclasses.replace(built, extensions=self.extensions)
         self.store: dict[str, bytes] = {}
         self.callbacks: list[tuple[str, dict[str, Any]]] = []
@@ -117,13 +119,14 @@ class InProcess:
 
 
 @contextmanager
-def in_process(env: dict[str, str], answer: Answer, extensions: list[Extension] = ()) -> Iterator[InProcess]:  # type: ignore[assignment]
+def in_process(env: dict[str, str], answer: Answer,  # type: ignore[assignment]
+               extensions: list[Extension] | Callable[[deps.Deps], list[Extension]] = ()) -> Iterator[InProcess]:
     """``InProcess`` for ``env``, its deps installed (the previous ones put back after)."""
     from forwarder.extensions.redelivery import messages_restored
     from forwarder.model_outage import outage_changed
 
     settings = Settings.from_env(env)
-    forwarder = InProcess(settings, answer, list(extensions))
+    forwarder = InProcess(settings, answer, extensions if callable(extensions) else list(extensions))
     previous = deps._current
     # What the extensions' installs connect (the worker does it once per process): put back after the run, so
     # no later test's extension is shadowed by one of this run's (a receiver with the same dispatch_uid).
