@@ -14,7 +14,8 @@ that record's transaction also removes it from the in-transit list (``QoS.append
 operation the list is empty again before the task starts. Whatever a lost reply leaves there goes back to
 the queue:
 
-- when this process's consumer connects again (``recover_in_transit``, from ``extensions.reconnect``);
+- when this process's consumer connects again, and once more when the worker has stopped (a reply still on
+  the wire as a warm shutdown closed the connection) (``recover_in_transit``, from ``extensions.reconnect``);
 - when this process died (SIGKILL, OOM) holding one: each live worker's redelivery sweep marks its own list
   as alive (a sorted set of owners, scored by time) and hands back the lists of owners unseen for longer
   than the visibility timeout, as kombu does with unacknowledged messages (``sweep_in_transit``).
@@ -176,15 +177,16 @@ class Channel(kombu_redis.Channel):
 
     # -- recovery (called by the forwarder's consumer steps; never raise on a connection error) ------------
 
-    def recover_in_transit(self, queues: Iterable[str]) -> int:
+    def recover_in_transit(self, queues: Iterable[str], *, leaving: bool = False) -> int:
         """Hand back whatever this process's in-transit lists of ``queues`` hold (a reply lost with the last
-        connection), and register them as alive."""
+        connection), and register them as alive; ``leaving``: the process stops, its lists leave the owners."""
         moved = 0
         with self.conn_or_acquire() as client:
             for queue in queues:
                 key = in_transit_key(queue)
                 moved += int(client.eval(_HAND_BACK, 3, key, queue, OWNERS_KEY))
-                client.zadd(OWNERS_KEY, {key: time.time()})
+                if not leaving:
+                    client.zadd(OWNERS_KEY, {key: time.time()})
         return moved
 
     def sweep_in_transit(self, queues: Iterable[str], visibility_timeout: float) -> tuple[int, int]:

@@ -211,3 +211,24 @@ def test_a_worker_hands_back_what_its_last_connection_left_in_transit_and_a_dead
         worker.signal(signal.SIGTERM)
         client.close()
         results.close()
+
+
+@pytest.mark.parametrize("pool", ["prefork", "gevent"])
+def test_a_warm_shutdown_hands_back_what_is_in_transit_once_the_worker_stopped(pool, start_worker, redis_server, queue,
+                                                                                model):
+    """A warm stop closes the consumer's connection with its last BLMOVE outstanding (celery#4354 with BRPOP): what
+    the broker served then is handed back after the worker stopped, not at the visibility timeout."""
+    broker_url, backend_url = f"{redis_server.url}/0", f"{redis_server.url}/1"
+    client = redis.Redis.from_url(broker_url)
+    worker: WorkerProcess = start_worker(pool, **model_env(model))
+    try:
+        task_id, raw = raw_task(client, broker_url, backend_url, queue, 3)
+        own_key = wait_for(lambda: own_list(client, queue, worker.pid), 10, "the worker's in-transit list registered")
+        client.lpush(own_key, raw)  # what a BLMOVE served as the connection closed leaves
+        worker.signal(signal.SIGTERM)
+        assert worker.process is not None and worker.process.wait(30) == 0
+        assert client.llen(own_key) == 0 and client.zscore(OWNERS_KEY, own_key) is None
+        assert [json.loads(m)["headers"]["id"] for m in client.lrange(queue, 0, -1)] == [task_id]
+        assert "handed 1 message(s) back to the queue that the broker gave out as the worker stopped" in worker.output
+    finally:
+        client.close()

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import Celery, bootsteps
+from celery import Celery, bootsteps, signals
 from celery.worker import state as worker_state
 from kombu.utils.json import dumps
 
@@ -213,9 +213,38 @@ def held_tags(channel: Any) -> list[str]:
     return [tag for tag in list(qos._delivered) if tag not in dirty]
 
 
+def hand_back_at_exit(app: Celery, queues: list[str]) -> int:
+    """After the worker stopped: hand back what this process's in-transit lists hold, on a connection of its own.
+
+    A warm shutdown closes the consumer's connection with its last BLMOVE outstanding; when the broker had served
+    it, the message sits in this process's list (kombu's BRPOP lost it outright: celery#4354). No other worker
+    would hand it back before the visibility timeout (24 h with llm-engine's values). One try, never raises.
+    """
+    try:
+        with app.connection_for_read() as connection:
+            connection.ensure_connection(max_retries=1, interval_start=0, timeout=3)
+            recover = getattr(connection.default_channel, "recover_in_transit", None)
+            moved = recover(queues, leaving=True) if recover is not None else 0
+    except Exception as exc:  # the broker is gone too: the sweep of a live worker hands it back later
+        logger.warning("could not hand back in-transit messages at exit (%s: %s): they come back after the "
+                       "visibility timeout", type(exc).__name__, exc)
+        release_exception(exc)
+        return 0
+    if moved:
+        logger.warning("handed %d message(s) back to the queue that the broker gave out as the worker stopped", moved)
+    return moved
+
+
 class AdoptReconnects(Extension):
-    """Redis broker only: add ``FollowReconnects`` to the consumer (SQS keeps no per-connection bookkeeping)."""
+    """Redis broker only: add ``FollowReconnects`` to the consumer (SQS keeps no per-connection bookkeeping), and
+    hand back this process's in-transit messages once the worker has stopped."""
 
     def install(self, app: Celery, settings: Settings) -> None:
-        if not settings.broker_is_sqs:
-            app.steps["consumer"].add(FollowReconnects)
+        if settings.broker_is_sqs:
+            return
+        app.steps["consumer"].add(FollowReconnects)
+
+        def at_exit(**_: Any) -> None:
+            hand_back_at_exit(app, [settings.queue])
+
+        signals.worker_shutdown.connect(at_exit, weak=False, dispatch_uid="forwarder.in_transit.at_exit")
