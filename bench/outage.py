@@ -13,7 +13,7 @@ the models' request logs), and the extra latency of the tasks the outage caught.
 bench/results/ (``outage.json``, ``outage.png``).
 
 Run: ``python -m bench.outage [--outage 120] [--rate 2] [--pools gevent,prefork] [--quick]``; the 10 min outage of
-bench/results/outage-600s.*: ``make outage OUTAGE_ARGS="--outage 600"`` (about 25 min: llm-engine's retries run on).
+bench/results/outage-600s.*: ``make outage OUTAGE_ARGS="--outage 600"`` (about 20 min: llm-engine's retries run on).
 """
 
 from __future__ import annotations
